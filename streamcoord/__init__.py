@@ -1,0 +1,51 @@
+"""streamcoord: long-running tasks that stream their events through Redis to SSE clients.
+
+The core is framework-free: it never imports Django. Django imports it (``django_app``).
+"""
+
+from .errors import (
+    AppendError,
+    ConfigurationError,
+    EventRejected,
+    InvalidEventId,
+    InvalidEventType,
+    InvalidTaskRef,
+    PayloadNotSerializable,
+    PayloadTooLarge,
+    StreamcoordError,
+    StreamLost,
+    TaskEnded,
+    UnknownTask,
+    WriterFenced,
+)
+from .eventlog import EventLog, TaskState, TaskWriter
+from .ids import EventId, parse_event_id
+from .keys import KeySpace, TaskRef
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppendError",
+    "ConfigurationError",
+    "EventId",
+    "EventLog",
+    "EventRejected",
+    "InvalidEventId",
+    "InvalidEventType",
+    "InvalidTaskRef",
+    "KeySpace",
+    "PayloadNotSerializable",
+    "PayloadTooLarge",
+    "Settings",
+    "StreamLost",
+    "StreamcoordError",
+    "TaskEnded",
+    "TaskRef",
+    "TaskState",
+    "TaskWriter",
+    "UnknownTask",
+    "WriterFenced",
+    "__version__",
+    "parse_event_id",
+]

@@ -1,0 +1,74 @@
+"""``python -m streamcoord``: the core's command line (a gateway, or the self-contained demo)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .errors import StreamcoordError
+from .settings import Settings
+
+DEFAULT_SOCKET = "/tmp/django-stream.sock"
+
+
+def _add_bind_options(parser: argparse.ArgumentParser, default_socket: str | None) -> None:
+    parser.add_argument("--host", help="TCP host to bind (with --port)")
+    parser.add_argument("--port", type=int, help="TCP port to bind; 0 lets the kernel pick")
+    parser.add_argument(
+        "--socket",
+        default=None,
+        help=f"unix socket path (default {default_socket})" if default_socket else "unix socket path",
+    )
+
+
+def bind_target(args: argparse.Namespace, default_socket: str | None) -> dict[str, object]:
+    """Where to listen: --socket wins; --host/--port mean TCP; neither means the default."""
+    if args.socket:
+        return {"socket_path": args.socket}
+    if args.host is not None or args.port is not None:
+        return {"host": args.host or "127.0.0.1", "port": args.port if args.port is not None else 8000}
+    if default_socket:
+        return {"socket_path": default_socket}
+    return {"host": "127.0.0.1", "port": 8000}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamcoord", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gateway = commands.add_parser(
+        "gateway", help="serve task streams over SSE (stateless; STREAMCOORD_REDIS_URL names Redis)"
+    )
+    _add_bind_options(gateway, DEFAULT_SOCKET)
+    demo = commands.add_parser(
+        "demo", help="a gateway, an in-process publisher and a demo page, in one process"
+    )
+    _add_bind_options(demo, None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+        if args.command == "gateway":
+            from .server import serve
+
+            if settings.embedded:
+                logging.warning(
+                    "STREAMCOORD_REDIS_URL is not set: serving the in-process stand-in, which no "
+                    "other process can publish to"
+                )
+            asyncio.run(serve(settings, **bind_target(args, DEFAULT_SOCKET)))  # type: ignore[arg-type]
+        else:
+            from .demo import run_demo
+
+            asyncio.run(run_demo(settings, **bind_target(args, None)))  # type: ignore[arg-type]
+    except StreamcoordError as exc:
+        print(f"streamcoord: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,104 @@
+"""Events as they travel: validated and encoded once at send time, decoded from stream entries.
+
+A stream entry holds three fields, readable in ``redis-cli XRANGE``::
+
+    epoch  the stream's epoch      type  the event type      data  the JSON the client receives
+
+``data`` already carries ``_task_id``, ``_model``, ``_app`` and ``_timestamp``, so the gateway
+sends it as it is: one encoding per event, none per client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from . import sse
+from .errors import InvalidEventType, PayloadNotSerializable, PayloadTooLarge
+from .keys import TaskRef
+
+#: Event types that end a run, and the task state each one records.
+TERMINAL_STATES = {"complete": "completed", "error": "failed", "cancelled": "cancelled"}
+#: Types the gateway itself sends; a task may not send them.
+RESERVED_TYPES = frozenset({"reset", "message"})
+_TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_STATES)
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+
+
+def check_event_type(ref: TaskRef, event_type: str) -> None:
+    if not isinstance(event_type, str) or not _EVENT_TYPE.match(event_type):
+        raise InvalidEventType(
+            ref.label, str(event_type), "event types are 1-64 letters, digits or '_.:-'"
+        )
+    if event_type in RESERVED_TYPES:
+        raise InvalidEventType(ref.label, event_type, "this event type is reserved")
+
+
+class DataEncoder:
+    """Encodes one task's payloads, with the task's metadata spliced in once per event."""
+
+    def __init__(self, ref: TaskRef, max_payload_bytes: int) -> None:
+        self.ref = ref
+        self.max_payload_bytes = max_payload_bytes
+        meta = {"_task_id": ref.pk_json, "_model": ref.model, "_app": ref.app_label}
+        self._meta = json.dumps(meta, separators=(",", ":"))[1:-1]
+
+    def encode(self, event_type: str, payload: Any, now: datetime | None = None) -> bytes:
+        """The event's ``data`` as UTF-8 JSON; raises :class:`EventRejected` subclasses."""
+        check_event_type(self.ref, event_type)
+        if not isinstance(payload, dict):
+            raise PayloadNotSerializable(
+                self.ref.label, event_type, f"payload must be a dict, not {type(payload).__name__}"
+            )
+        try:
+            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise PayloadNotSerializable(self.ref.label, event_type, str(exc)) from None
+        encoded = body.encode("utf-8", "surrogatepass")
+        if len(encoded) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                self.ref.label,
+                event_type,
+                f"payload is {len(encoded)} bytes of JSON, the limit is {self.max_payload_bytes}"
+                " (STREAMCOORD_MAX_PAYLOAD_BYTES)",
+            )
+        stamp = (now or datetime.now(UTC)).isoformat()
+        # Splice instead of copying the dict and encoding twice. The metadata comes last, so it
+        # wins over any same-named key of the payload in every JSON parser.
+        sep = b"," if len(encoded) > 2 else b""
+        return encoded[:-1] + sep + f'{self._meta},"_timestamp":"{stamp}"}}'.encode()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One event read back from a task's stream."""
+
+    seq: int
+    epoch: bytes
+    type: bytes
+    data: bytes
+
+    @property
+    def id(self) -> bytes:
+        return self.epoch + b"-%d" % self.seq
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in _TERMINAL_TYPES
+
+    def frame(self) -> bytes:
+        """The event as an SSE frame."""
+        return sse.encode_event(self.data, event=self.type, id=self.id)
+
+    def payload(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(self.data)
+        return decoded
+
+
+def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
+    """Decode an XRANGE/XREAD entry written by the append script."""
+    seq = int(entry_id.partition(b"-")[0])
+    return Event(seq=seq, epoch=fields[b"epoch"], type=fields[b"type"], data=fields[b"data"])

@@ -1,0 +1,184 @@
+"""A task's event log: one Redis Stream per task, written by one writer, read by anyone.
+
+Writing goes through :class:`TaskWriter`, which numbers events 1, 2, 3, ... within an epoch and
+appends each with the atomic script in ``append.lua``. Reading is plain XRANGE on the
+``<seq>-0`` ids, so ``XRANGE <key> 5 10`` in redis-cli reads events 5 to 10.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .codec import TERMINAL_STATES, DataEncoder, Event, decode_entry
+from .errors import StreamLost, TaskEnded, WriterFenced
+from .ids import EventId, new_epoch
+from .keys import KeySpace, TaskRef
+from .publisher import Publisher
+from .settings import Settings
+
+ENDED_STATES = frozenset(TERMINAL_STATES.values())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskState:
+    """A task's small state record (the ``:state`` hash)."""
+
+    state: str
+    epoch: str = ""
+    last_seq: int = 0
+    last_type: str = ""
+    started_at: str = ""
+    updated_at: str = ""
+    ended_at: str = ""
+    end_data: bytes = b""
+    final_value: Any = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> TaskState | None:
+        if not raw:
+            return None
+        text = {k.decode(): v for k, v in raw.items()}
+        final = text.get("final_value")
+        return cls(
+            state=text.get("state", b"").decode(),
+            epoch=text.get("epoch", b"").decode(),
+            last_seq=int(text.get("last_seq", b"0")),
+            last_type=text.get("last_type", b"").decode(),
+            started_at=text.get("started_at", b"").decode(),
+            updated_at=text.get("updated_at", b"").decode(),
+            ended_at=text.get("ended_at", b"").decode(),
+            end_data=text.get("end_data", b""),
+            final_value=json.loads(final) if final else None,
+        )
+
+
+class EventLog:
+    """The event logs of one deployment (one Redis, one key prefix)."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = KeySpace(settings.key_prefix)
+        self.publisher = Publisher(redis)
+
+    def writer(self, ref: TaskRef) -> TaskWriter:
+        return TaskWriter(self, ref)
+
+    async def declare(self, ref: TaskRef, state: str = "pending") -> bool:
+        """Create the task's state record if it has none, so gateways know the task before its
+        first event. Returns False when the record already existed (nothing is changed)."""
+        key = self.keys.state(ref)
+        now = datetime.now(UTC).isoformat()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hsetnx(key, "state", state)
+        pipe.hsetnx(key, "created_at", now)
+        created, _ = await pipe.execute()
+        return bool(created)
+
+    async def state(self, ref: TaskRef) -> TaskState | None:
+        raw: Any = await self.redis.hgetall(self.keys.state(ref))
+        return TaskState.from_hash(raw)
+
+    async def read(self, ref: TaskRef, after: int = 0, count: int | None = None) -> list[Event]:
+        """Events with a sequence above ``after``, oldest first (at most ``count``)."""
+        entries: Any = await self.redis.xrange(self.keys.events(ref), f"({after}-0", "+", count=count)
+        return [decode_entry(entry_id, fields) for entry_id, fields in entries]
+
+
+class TaskWriter:
+    """Appends one task's events in order. One writer per run; a second one is fenced off.
+
+    Sequence numbers are handed out when an append is submitted, so a task may fire several
+    sends at once. When an append fails the writer re-reads the stream before the next one,
+    so it never skips or repeats a number.
+    """
+
+    def __init__(self, log: EventLog, ref: TaskRef) -> None:
+        self.log = log
+        self.ref = ref
+        self.encoder = DataEncoder(ref, log.settings.max_payload_bytes)
+        self._keys = (log.keys.events(ref), log.keys.state(ref))
+        self._epoch = ""
+        self._next_seq = 0  # 0: not opened yet
+        self._inflight: set[asyncio.Future[list[Any]]] = set()
+        self._resync = True
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    async def _open(self) -> None:
+        if self._inflight:
+            await asyncio.wait(self._inflight)
+        events_key, state_key = self._keys
+        pipe = self.log.redis.pipeline(transaction=False)
+        pipe.exists(events_key)
+        pipe.hmget(state_key, ["epoch", "last_seq"])
+        exists, (epoch, last_seq) = await pipe.execute()
+        if exists and epoch:
+            if self._epoch and epoch.decode() != self._epoch:
+                raise WriterFenced(f"task {self.ref}: epoch {epoch.decode()} replaced ours ({self._epoch})")
+            self._epoch, self._next_seq = epoch.decode(), int(last_seq or 0) + 1
+        else:
+            self._epoch, self._next_seq = new_epoch(), 1
+        self._resync = False
+
+    async def append(self, event_type: str, payload: dict[str, Any], *, final_value: Any = None) -> EventId:
+        """Append one event and return its id. A terminal type (``complete``, ``error``,
+        ``cancelled``) ends the run; ``final_value`` is stored with it."""
+        data = self.encoder.encode(event_type, payload)
+        terminal = TERMINAL_STATES.get(event_type, "")
+        final = json.dumps(final_value) if terminal and final_value is not None else ""
+        if self._resync:
+            await self._open()
+        for _ in range(2):
+            seq = self._next_seq
+            self._next_seq += 1
+            reply = await self._submit(seq, event_type, data, terminal, final)
+            status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            if status in ("ok", "dup"):
+                return EventId(self._epoch, seq)
+            self._resync = True
+            if status == "lost" and not self._inflight:
+                # Redis lost the stream (restart without persistence, failover): start a new
+                # epoch, so every reader learns of the gap through a reset.
+                self._epoch, self._next_seq, self._resync = new_epoch(), 1, False
+                continue
+            break
+        if status == "ended":
+            raise TaskEnded(f"task {self.ref} already ended; {event_type!r} was not appended")
+        if status == "lost":
+            raise StreamLost(f"task {self.ref}: the stream vanished; {event_type!r} was not appended")
+        raise WriterFenced(
+            f"task {self.ref}: another writer owns the stream (epoch {reply[1]!r}, last event "
+            f"{reply[2]}); {event_type!r} was not appended"
+        )
+
+    async def _submit(self, seq: int, event_type: str, data: bytes, terminal: str, final: str) -> list[Any]:
+        settings = self.log.settings
+        now = datetime.now(UTC).isoformat()
+        future = self.log.publisher.submit(
+            self._keys,
+            (self._epoch, seq, event_type, data, settings.max_stream_length, terminal,
+             settings.stream_ttl_seconds, settings.state_ttl_seconds, now, final),
+        )
+        self._inflight.add(future)
+        future.add_done_callback(self._settle)
+        # Shielded: a cancelled caller must not cancel the shared batch; the outcome is read
+        # by _settle and the next append resyncs if it is unknown.
+        return await asyncio.shield(future)
+
+    def _settle(self, future: asyncio.Future[list[Any]]) -> None:
+        self._inflight.discard(future)
+        if future.cancelled() or future.exception() is not None:
+            self._resync = True

@@ -1,0 +1,212 @@
+"""The SSE gateway's HTTP side (an asgineer handler). Stateless: Redis holds every position.
+
+Routes::
+
+    GET /stream/{Model}/{id}              a task's events (history, then live)
+    GET /stream/{app_label}/{Model}/{id}  the same, naming the app
+    GET /health                           200 "OK" while the process serves
+    GET /ready                            200 "READY" when Redis answers, else 503
+    GET /stats                            this process's listeners, streams and counters (JSON)
+
+Errors are plain text with a 4xx or 503 status; no response ever carries an exception's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asgineer
+from asgineer import HttpRequest
+from redis.exceptions import RedisError
+
+from . import sse
+from .errors import InvalidEventId, InvalidTaskRef, UnknownTask
+from .eventlog import EventLog
+from .feed import Feed
+from .hub import Hub
+from .ids import EventId, parse_event_id
+from .keys import TaskRef
+from .registry import ModelRegistry
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Response = tuple[int, dict[str, str], str | bytes]
+#: Extra routes (a demo page, say): return a response, or None to fall through to 404.
+ExtraRoutes = Callable[[HttpRequest], Awaitable[Response | None]]
+
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-store",
+    "x-accel-buffering": "no",  # nginx: pass each frame on at once
+}
+#: How long a finished stream's last chunk may take before the connection is cut instead.
+FINISH_TIMEOUT = 1.0
+
+
+def text(status: int, body: str) -> Response:
+    return status, {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}, body + "\n"
+
+
+def parse_stream_path(path: str) -> tuple[str | None, str, str] | None:
+    """``/stream/[app/]Model/id`` -> (app or None, model, id); None when not a stream path."""
+    parts = path.removeprefix("/stream/").rstrip("/").split("/")
+    if not path.startswith("/stream/") or len(parts) not in (2, 3) or not all(parts):
+        return None
+    if len(parts) == 2:
+        return None, parts[0], parts[1]
+    return parts[0], parts[1], parts[2]
+
+
+def last_event_id(request: HttpRequest) -> EventId | None:
+    """The client's position: the Last-Event-ID header, else the ``last_event_id`` query
+    parameter (for a first connect that resumes). Raises InvalidEventId."""
+    raw = request.headers.get("last-event-id")
+    if raw is None:
+        raw = request.querydict.get("last_event_id")
+    if raw is None or raw == "":
+        return None
+    return parse_event_id(raw)
+
+
+class Gateway:
+    """Serves task streams from one process's hub."""
+
+    def __init__(
+        self, log: EventLog, hub: Hub, settings: Settings, extra_routes: ExtraRoutes | None = None
+    ) -> None:
+        self.log = log
+        self.hub = hub
+        self.settings = settings
+        self.registry = ModelRegistry(log.redis, log.keys)
+        self.extra_routes = extra_routes
+        self.started = time.time()
+        self._open_chunk = sse.OPEN_COMMENT[:-1] + sse.encode_retry(settings.retry_ms)
+
+    def asgi(self) -> Any:
+        return asgineer.to_asgi(self.handle)
+
+    async def handle(self, request: HttpRequest) -> Response | None:
+        try:
+            return await self._route(request)
+        except RedisError as exc:
+            log.warning("Redis error serving %s: %s", request.path, exc)
+            return text(503, "Redis is unavailable; retry shortly")
+        except Exception:
+            log.exception("error serving %s", request.path)
+            return text(500, "internal error")
+
+    async def _route(self, request: HttpRequest) -> Response | None:
+        path = request.path
+        if path.startswith("/stream/"):
+            if request.method not in ("GET", "HEAD"):
+                return text(405, "use GET")
+            return await self._stream(request)
+        if path == "/health":
+            return text(200, "OK")
+        if path == "/ready":
+            return await self._ready()
+        if path == "/stats":
+            return 200, {"content-type": "application/json"}, json.dumps(self.stats())
+        if self.extra_routes is not None:
+            response = await self.extra_routes(request)
+            if response is not None:
+                return response
+        return text(404, "not found")
+
+    async def _ready(self) -> Response:
+        try:
+            await asyncio.wait_for(self.log.redis.ping(), timeout=2)
+        except (RedisError, OSError, TimeoutError):
+            return text(503, "Redis unavailable")
+        return text(200, "READY")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "gateway_id": self.hub.gateway_id,
+            "listeners": self.hub.listener_count,
+            "streams": self.hub.stream_count,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            **self.hub.stats,
+        }
+
+    async def _stream(self, request: HttpRequest) -> Response | None:
+        parsed = parse_stream_path(request.path)
+        if parsed is None:
+            return text(404, "not found: use /stream/<Model>/<id> or /stream/<app>/<Model>/<id>")
+        app_label, model, pk = parsed
+        try:
+            TaskRef(app_label or "x", model, pk)  # shape check before any Redis lookup
+            resume = last_event_id(request)
+        except (InvalidTaskRef, InvalidEventId) as exc:
+            return text(400, str(exc))
+        replay = request.querydict.get("replay", "all")
+        if replay not in ("all", "latest"):
+            return text(400, "replay must be 'all' or 'latest'")
+        resolved = await self.registry.resolve(app_label, model)
+        if resolved is None:
+            return text(404, f"unknown model {model!r}")
+        ref = TaskRef(resolved[0], resolved[1], pk)
+        try:
+            feed = await Feed.open(self.log, self.hub, ref, last_id=resume, latest=replay == "latest")
+        except UnknownTask:
+            return text(404, f"unknown task {ref}")
+        wants_sse = "text/event-stream" in request.headers.get("accept", "")
+        if feed.state is not None and feed.state.ended and not wants_sse:
+            return 200, {"content-type": "application/json"}, json.dumps(self._summary(feed))
+        if feed.ended:
+            return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
+        await request.accept(200, SSE_HEADERS)
+        if request.method == "HEAD":
+            await request.send(b"", more=False)
+            return None
+        await request.send(self._open_chunk)
+        await self._pump_until_done(request, feed)
+        return None
+
+    @staticmethod
+    def _summary(feed: Feed) -> dict[str, Any]:
+        state = feed.state
+        assert state is not None
+        return {"status": state.state, "final_value": state.final_value, "completed_at": state.ended_at or None}
+
+    async def _pump_until_done(self, request: HttpRequest, feed: Feed) -> None:
+        """Write the feed, raced against the client going away (uvicorn's send() never says)."""
+        pump = asyncio.create_task(self._pump(request, feed))
+        watch = asyncio.create_task(_wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pump.cancel()
+            watch.cancel()
+            closed = feed.listener.closed if feed.listener is not None else None
+            feed.close()
+        if watch in done:
+            self.hub.stats["client_left"] += 1
+            return
+        if not pump.cancelled() and pump.exception() is not None:
+            log.warning("stream of %s ended by an error: %s", feed.ref, pump.exception())
+        self.hub.stats[f"closed_{closed}" if closed else "finished"] += 1
+        # End the response; a client that stopped reading cannot take even that, and returning
+        # without it makes uvicorn close the connection.
+        try:
+            await asyncio.wait_for(request.send(b"", more=False), FINISH_TIMEOUT)
+        except (TimeoutError, OSError):
+            self.hub.stats["cut"] += 1
+
+    async def _pump(self, request: HttpRequest, feed: Feed) -> None:
+        async for chunk in feed.chunks():
+            await request.send(chunk)
+
+
+async def _wait_disconnect(request: HttpRequest) -> None:
+    try:
+        while True:
+            await request.sleep_while_connected(3600)
+    except asgineer.DisconnectedError:
+        return

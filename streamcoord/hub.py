@@ -1,0 +1,247 @@
+"""The gateway's fan-out hub: one Redis reader per process, however many clients.
+
+One task reads every stream that has listeners in this process with a single blocking XREAD
+(a concrete last id per key), encodes each event once, and appends the frame to each
+listener's bounded queue. A listener that lets its queue fill up is closed, and the task
+writing to it cancelled, so one slow client never holds up the others; it resumes from Redis
+with Last-Event-ID.
+
+Adding a stream while the XREAD blocks: the hub appends to its own small wake stream, which the
+XREAD always includes, so the read returns and the next one covers the new key. Stream ids are
+persistent, so a wake-up can never be missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import secrets
+from typing import Any, NamedTuple
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import sse
+from .codec import decode_entry
+from .keys import KeySpace
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Entries per key per XREAD; a stream with more pending is read again on the next call.
+READ_COUNT = 500
+WAKE_TTL_SECONDS = 24 * 3600
+
+
+class Frame(NamedTuple):
+    """What a listener's queue holds: an encoded event, or a heartbeat (``seq`` 0)."""
+
+    seq: int
+    epoch: bytes
+    terminal: bool
+    data: bytes
+
+
+HEARTBEAT_FRAME = Frame(0, b"", False, sse.HEARTBEAT)
+
+
+class Listener:
+    """One client's bounded queue of frames from one stream."""
+
+    __slots__ = ("_ready", "closed", "frames", "key", "limit", "task")
+
+    def __init__(self, key: bytes, limit: int) -> None:
+        self.key = key
+        self.limit = limit
+        self.frames: collections.deque[Frame] = collections.deque()
+        self._ready = asyncio.Event()
+        #: Why the listener was closed ("overflow", "shutdown"), or None while open.
+        self.closed: str | None = None
+        #: The task writing this listener's frames; cancelled when the listener overflows.
+        self.task: asyncio.Task[Any] | None = None
+
+    def push(self, frame: Frame) -> bool:
+        """Queue a frame; on overflow close the listener. Returns False once closed."""
+        if self.closed:
+            return False
+        if len(self.frames) >= self.limit:
+            self.close("overflow")
+            if self.task is not None:
+                self.task.cancel()
+            return False
+        self.frames.append(frame)
+        self._ready.set()
+        return True
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = reason
+            self._ready.set()
+
+    async def take(self) -> list[Frame]:
+        """Wait for frames and take all of them (empty once closed and drained)."""
+        while not self.frames and not self.closed:
+            self._ready.clear()
+            await self._ready.wait()
+        taken = list(self.frames)
+        self.frames.clear()
+        return taken
+
+
+class _Stream:
+    __slots__ = ("cursor", "listeners")
+
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor
+        self.listeners: set[Listener] = set()
+
+
+class Hub:
+    """Reads all streams listened to in this process; fans events out in memory."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        # ``redis`` must be a client of its own: the blocking XREAD holds its connection.
+        self._redis = redis
+        self._settings = settings
+        self.gateway_id = secrets.token_hex(6)
+        self._wake_key = KeySpace(settings.key_prefix).gateway_wake(self.gateway_id)
+        self._wake_last = "0-0"
+        self._wake_pending = False
+        self._waking: set[asyncio.Task[None]] = set()
+        self._streams: dict[bytes, _Stream] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    def subscribe(self, key: str, after: int) -> tuple[Listener, int]:
+        """Listen to ``key`` from sequence ``after`` on.
+
+        Returns the listener and the hub's own position in that stream. When the hub is already
+        past ``after``, the caller must read the events in between from Redis itself; events at
+        or below the caller's position may still arrive and are the caller's to skip.
+        """
+        bkey = key.encode()
+        stream = self._streams.get(bkey)
+        if stream is None:
+            stream = self._streams[bkey] = _Stream(after)
+            self._wake()
+        listener = Listener(bkey, self._settings.client_queue_size)
+        stream.listeners.add(listener)
+        self.stats["subscribed"] += 1
+        return listener, stream.cursor
+
+    def unsubscribe(self, listener: Listener) -> None:
+        listener.close("unsubscribed")
+        stream = self._streams.get(listener.key)
+        if stream is not None:
+            stream.listeners.discard(listener)
+            if not stream.listeners:
+                del self._streams[listener.key]
+
+    def close_all(self, reason: str) -> None:
+        """Close every listener (graceful shutdown): their streams end and clients reconnect."""
+        for stream in self._streams.values():
+            for listener in stream.listeners:
+                listener.close(reason)
+
+    @property
+    def listener_count(self) -> int:
+        return sum(len(s.listeners) for s in self._streams.values())
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._wake_last = await self._append_wake()
+        self._tasks = [
+            asyncio.create_task(self._read_forever(), name="streamcoord-hub-reader"),
+            asyncio.create_task(self._heartbeat_forever(), name="streamcoord-hub-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self.close_all("shutdown")
+        with contextlib.suppress(RedisError):  # else the key expires by itself
+            await self._redis.delete(self._wake_key)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self._wake_pending and self._tasks:
+            self._wake_pending = True
+            task = asyncio.create_task(self._send_wake(), name="streamcoord-hub-wake")
+            self._waking.add(task)
+            task.add_done_callback(self._waking.discard)
+
+    async def _send_wake(self) -> None:
+        try:
+            await self._append_wake()
+        except RedisError as exc:  # the reader's own retry covers the new key soon after
+            log.warning("could not wake the hub reader: %s", exc)
+
+    async def _append_wake(self) -> str:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=10, approximate=False)
+        pipe.expire(self._wake_key, WAKE_TTL_SECONDS)
+        entry_id, _ = await pipe.execute()
+        return str(entry_id.decode())
+
+    async def _read_forever(self) -> None:
+        backoff = 0.05
+        while True:
+            self._wake_pending = False
+            wanted: dict[str | bytes, str] = {self._wake_key: self._wake_last}
+            for key, stream in self._streams.items():
+                wanted[key] = f"{stream.cursor}-0"
+            try:
+                reply: Any = await self._redis.xread(
+                    wanted, count=READ_COUNT, block=self._settings.block_ms  # type: ignore[arg-type]
+                )
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Positions are kept, so nothing is lost: the next read resumes from them.
+                log.warning("hub read failed (%s); retrying in %.2fs", exc, backoff)
+                self.stats["read_errors"] += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            self.stats["reads"] += 1
+            for key, entries in reply or ():
+                self._dispatch(key, entries)
+
+    def _dispatch(self, key: bytes, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        if key == self._wake_key.encode():
+            self._wake_last = entries[-1][0].decode()
+            return
+        stream = self._streams.get(key)
+        if stream is None:  # the last listener left while the read was in flight
+            return
+        frames = []
+        for entry_id, fields in entries:
+            event = decode_entry(entry_id, fields)
+            frames.append(Frame(event.seq, event.epoch, event.terminal, event.frame()))
+        stream.cursor = frames[-1].seq
+        for listener in list(stream.listeners):
+            for frame in frames:
+                if not listener.push(frame):
+                    break
+        self.stats["events"] += len(frames)
+        self.stats["deliveries"] += len(frames) * len(stream.listeners)
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+            for stream in self._streams.values():
+                for listener in stream.listeners:
+                    listener.push(HEARTBEAT_FRAME)

@@ -1,0 +1,110 @@
+"""The one settings object.
+
+Every tunable of streamcoord lives in :class:`Settings`. It is built once at process start, from
+the environment (``Settings.from_env``) or, on the Django side, from ``settings.STREAMCOORD``,
+and passed down. Nothing else in the project reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ConfigurationError
+
+ENV_PREFIX = "STREAMCOORD_"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """streamcoord's configuration. Each field maps to ``STREAMCOORD_<FIELD NAME IN CAPS>``."""
+
+    #: Redis URL (``redis://``, ``rediss://`` or ``unix://``). Empty means the embedded default:
+    #: an in-process Redis stand-in, for demos and single-process development only.
+    redis_url: str = ""
+    #: Prefix of every key, so several deployments can share one Redis.
+    key_prefix: str = "sc"
+    #: Seconds between heartbeat comment lines on an open stream. Keep it below the read timeout
+    #: of every proxy in front of the gateway (nginx: 60 s).
+    heartbeat_seconds: float = 15.0
+    #: Events retained per task stream while it runs (exact trim on every append).
+    max_stream_length: int = 10_000
+    #: Seconds a task's event stream is kept after its terminal event.
+    stream_ttl_seconds: int = 24 * 3600
+    #: Seconds a task's small state record is kept after its terminal event; longer than the
+    #: stream, so a late client still learns the outcome.
+    state_ttl_seconds: int = 7 * 24 * 3600
+    #: Largest accepted event payload, in bytes of JSON.
+    max_payload_bytes: int = 64 * 1024
+    #: Frames a gateway buffers per client before it disconnects a client that does not keep up
+    #: (the client resumes from Redis with Last-Event-ID).
+    client_queue_size: int = 1000
+    #: Reconnect delay suggested to clients in the SSE ``retry:`` field, in milliseconds.
+    retry_ms: int = 2000
+    #: How long the gateway's single reader blocks in XREAD, in milliseconds. Must stay below
+    #: ``redis_socket_timeout`` or the blocked read times out.
+    block_ms: int = 1000
+    #: Socket timeout for Redis commands, in seconds.
+    redis_socket_timeout: float = 5.0
+    #: Seconds open streams get to end cleanly when a gateway shuts down.
+    shutdown_grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.block_ms / 1000 >= self.redis_socket_timeout:
+            raise ConfigurationError(
+                f"block_ms ({self.block_ms}) must be below redis_socket_timeout "
+                f"({self.redis_socket_timeout} s), or a blocked read times out"
+            )
+        if not self.key_prefix or any(c in self.key_prefix for c in "{}: \t\r\n"):
+            raise ConfigurationError(
+                f"key_prefix {self.key_prefix!r} must be non-empty, without braces, colons or spaces"
+            )
+        for name in ("max_stream_length", "max_payload_bytes", "client_queue_size", "block_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``STREAMCOORD_*`` variables; ``overrides`` win over the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is not None and raw != "":
+                values[field.name] = _parse(field.name, field.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from a mapping such as Django's ``STREAMCOORD`` (keys: field names,
+        any case); the environment fills what the mapping leaves out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        overrides = {}
+        for key, value in mapping.items():
+            name = key.lower()
+            if name not in known:
+                raise ConfigurationError(f"unknown streamcoord setting {key!r}; known: {sorted(known)}")
+            overrides[name] = value
+        return cls.from_env(environ, **overrides)
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis URL is set and the in-process stand-in is used."""
+        return not self.redis_url
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}"
+        ) from None
+    return raw

@@ -1,0 +1,49 @@
+"""Server-Sent Events wire format (WHATWG HTML, "server-sent events"). Pure functions, bytes out.
+
+A frame is complete before it is written, so a heartbeat can never split an event.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+#: Sent by the gateway as soon as a stream opens, so headers leave at once.
+OPEN_COMMENT = b": stream open\n\n"
+HEARTBEAT = b": heartbeat\n\n"
+
+
+def _field(name: bytes, value: bytes) -> bytes:
+    if b"\n" in value or b"\r" in value:
+        raise ValueError(f"SSE {name.decode()} must not contain line breaks")
+    return name + b": " + value + b"\n"
+
+
+def encode_event(data: bytes, *, event: bytes | None = None, id: bytes | None = None) -> bytes:
+    """One event frame. ``data`` may hold line breaks (each line becomes a ``data:`` line);
+    ``event`` and ``id`` may not."""
+    out = b""
+    if id is not None:
+        if b"\0" in id:
+            raise ValueError("SSE id must not contain NUL")
+        out += _field(b"id", id)
+    if event is not None:
+        out += _field(b"event", event)
+    if b"\n" in data or b"\r" in data:
+        out += b"".join(b"data: " + line + b"\n" for line in _LINE_BREAK.split(data))
+    else:
+        out += b"data: " + data + b"\n"
+    return out + b"\n"
+
+
+def encode_comment(text: bytes) -> bytes:
+    """A comment frame (ignored by clients; keeps proxies from timing the connection out)."""
+    return b"".join(b": " + line + b"\n" for line in _LINE_BREAK.split(text)) + b"\n"
+
+
+def encode_retry(milliseconds: int) -> bytes:
+    """The reconnect delay a client should use."""
+    if milliseconds < 0:
+        raise ValueError("retry must not be negative")
+    return b"retry: %d\n\n" % milliseconds
