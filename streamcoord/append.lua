@@ -1,16 +1,17 @@
 -- Append one event to a task's stream: one atomic step, safe to retry.
 -- KEYS: 1 events stream, 2 state hash (one hash tag, so one cluster slot)
 -- ARGV: 1 epoch, 2 seq, 3 type, 4 data, 5 maxlen, 6 terminal state or '',
---       7 stream ttl s, 8 state ttl s, 9 now (ISO 8601), 10 final value JSON or ''
+--       7 stream ttl s, 8 state ttl s, 9 now (ISO 8601), 10 final value JSON or '',
+--       11 writer token (names one TaskWriter; tells its own retry from another's write)
 -- Returns {status, epoch, last_seq}; status is one of
 --   ok      written as <seq>-0
---   dup     seq was already written in this epoch (a retry whose first reply was lost)
+--   dup     this writer already wrote seq in this epoch (a retry whose first reply was lost)
 --   ended   the run already has its terminal event
---   fenced  another writer's epoch owns the stream, or seq skips ahead
+--   fenced  another writer's epoch owns the stream, another writer wrote seq, or seq skips ahead
 --   lost    the stream vanished under a writer past its first event
 local events, state = KEYS[1], KEYS[2]
 local epoch, seq = ARGV[1], tonumber(ARGV[2])
-local cur = redis.call('HMGET', state, 'epoch', 'last_seq', 'state')
+local cur = redis.call('HMGET', state, 'epoch', 'last_seq', 'state', 'writer')
 local cur_epoch = cur[1] or ''
 local last = cur[2] and tonumber(cur[2]) or 0
 
@@ -21,7 +22,10 @@ if redis.call('EXISTS', events) == 0 then
   redis.call('PERSIST', state)
 else
   if cur_epoch ~= epoch then return {'fenced', cur_epoch, last} end
-  if seq <= last then return {'dup', cur_epoch, last} end
+  if seq <= last then
+    if cur[4] == ARGV[11] then return {'dup', cur_epoch, last} end
+    return {'fenced', cur_epoch, last}
+  end
   if cur[3] == 'completed' or cur[3] == 'failed' or cur[3] == 'cancelled' then
     return {'ended', cur_epoch, last}
   end
@@ -30,7 +34,8 @@ end
 
 redis.call('XADD', events, 'MAXLEN', ARGV[5], seq .. '-0',
            'epoch', epoch, 'type', ARGV[3], 'data', ARGV[4])
-local fields = {'epoch', epoch, 'last_seq', seq, 'last_type', ARGV[3], 'updated_at', ARGV[9]}
+local fields = {'epoch', epoch, 'last_seq', seq, 'last_type', ARGV[3], 'updated_at', ARGV[9],
+                'writer', ARGV[11]}
 if seq == 1 then
   table.insert(fields, 'started_at'); table.insert(fields, ARGV[9])
 end

@@ -55,9 +55,9 @@ class DataEncoder:
             )
         try:
             body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            encoded = body.encode()  # strict: a lone surrogate is not valid UTF-8 for any client
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
             raise PayloadNotSerializable(self.ref.label, event_type, str(exc)) from None
-        encoded = body.encode("utf-8", "surrogatepass")
         if len(encoded) > self.max_payload_bytes:
             raise PayloadTooLarge(
                 self.ref.label,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,7 +100,8 @@ class TaskWriter:
     """Appends one task's events in order. One writer per run; a second one is fenced off.
 
     Sequence numbers are handed out when an append is submitted, so a task may fire several
-    sends at once. When an append fails the writer re-reads the stream before the next one,
+    sends at once. Each writer has a token, so the script tells a retry of this writer's own
+    append (written once) from another writer's append of the same number (fenced off). When an append fails the writer re-reads the stream before the next one,
     so it never skips or repeats a number.
     """
 
@@ -112,6 +114,7 @@ class TaskWriter:
         self._next_seq = 0  # 0: not opened yet
         self._inflight: set[asyncio.Future[list[Any]]] = set()
         self._resync = True
+        self.token = secrets.token_hex(4)
 
     @property
     def epoch(self) -> str:
@@ -170,7 +173,7 @@ class TaskWriter:
         future = self.log.publisher.submit(
             self._keys,
             (self._epoch, seq, event_type, data, settings.max_stream_length, terminal,
-             settings.stream_ttl_seconds, settings.state_ttl_seconds, now, final),
+             settings.stream_ttl_seconds, settings.state_ttl_seconds, now, final, self.token),
         )
         self._inflight.add(future)
         future.add_done_callback(self._settle)

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asgineer
-from asgineer import HttpRequest
+from asgineer import HttpRequest, _request
 from redis.exceptions import RedisError
 
 from . import sse
@@ -192,16 +192,33 @@ class Gateway:
         if not pump.cancelled() and pump.exception() is not None:
             log.warning("stream of %s ended by an error: %s", feed.ref, pump.exception())
         self.hub.stats[f"closed_{closed}" if closed else "finished"] += 1
-        # End the response; a client that stopped reading cannot take even that, and returning
-        # without it makes uvicorn close the connection.
+        if closed == "overflow":
+            abort_connection(request)
+            return
+        # End the response cleanly; a client that stopped reading cannot take even that.
         try:
             await asyncio.wait_for(request.send(b"", more=False), FINISH_TIMEOUT)
         except (TimeoutError, OSError):
-            self.hub.stats["cut"] += 1
+            abort_connection(request)
 
     async def _pump(self, request: HttpRequest, feed: Feed) -> None:
         async for chunk in feed.chunks():
             await request.send(chunk)
+
+
+def abort_connection(request: HttpRequest) -> None:
+    """Drop a client that stopped reading, with whatever is still buffered for it.
+
+    ASGI has no way to say this, and uvicorn, when a handler returns mid-response, calls
+    ``transport.close()``, which waits to flush the buffer to a peer that may never read: the
+    socket and its buffer would live on. So reach uvicorn's transport (its ``send`` is a bound
+    method of the request cycle) and abort it; under another server, fall back to that close.
+    """
+    cycle = getattr(request._send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        transport.abort()
+    request._app_state = _request.DONE  # asgineer must not try to finish this response
 
 
 async def _wait_disconnect(request: HttpRequest) -> None:

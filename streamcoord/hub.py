@@ -46,11 +46,16 @@ class Frame(NamedTuple):
     data: bytes
 
 
-HEARTBEAT_FRAME = Frame(0, b"", False, sse.HEARTBEAT)
+HEARTBEAT_FRAMES = [Frame(0, b"", False, sse.HEARTBEAT)]
 
 
 class Listener:
-    """One client's bounded queue of frames from one stream."""
+    """One client's bounded queue of frames from one stream.
+
+    The bound is checked when a batch arrives: a client still holding ``limit`` frames it has
+    not taken is not keeping up. A client that keeps up takes whole batches, so a burst larger
+    than the bound (one XREAD returns up to READ_COUNT events) does not cut it.
+    """
 
     __slots__ = ("_ready", "closed", "frames", "key", "limit", "task")
 
@@ -64,18 +69,17 @@ class Listener:
         #: The task writing this listener's frames; cancelled when the listener overflows.
         self.task: asyncio.Task[Any] | None = None
 
-    def push(self, frame: Frame) -> bool:
-        """Queue a frame; on overflow close the listener. Returns False once closed."""
+    def push(self, frames: list[Frame]) -> None:
+        """Queue a batch of frames, or close the listener if it is not keeping up."""
         if self.closed:
-            return False
+            return
         if len(self.frames) >= self.limit:
             self.close("overflow")
             if self.task is not None:
                 self.task.cancel()
-            return False
-        self.frames.append(frame)
+            return
+        self.frames.extend(frames)
         self._ready.set()
-        return True
 
     def close(self, reason: str) -> None:
         if not self.closed:
@@ -103,8 +107,10 @@ class _Stream:
 class Hub:
     """Reads all streams listened to in this process; fans events out in memory."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        # ``redis`` must be a client of its own: the blocking XREAD holds its connection.
+    def __init__(self, reader: Redis, redis: Redis, settings: Settings) -> None:
+        # The blocking XREAD holds the reader's connection, so it needs a client of its own;
+        # wake-ups go through ``redis`` (shared with history reads), or they would wait for it.
+        self._reader = reader
         self._redis = redis
         self._settings = settings
         self.gateway_id = secrets.token_hex(6)
@@ -205,7 +211,7 @@ class Hub:
             for key, stream in self._streams.items():
                 wanted[key] = f"{stream.cursor}-0"
             try:
-                reply: Any = await self._redis.xread(
+                reply: Any = await self._reader.xread(
                     wanted, count=READ_COUNT, block=self._settings.block_ms  # type: ignore[arg-type]
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -232,10 +238,8 @@ class Hub:
             event = decode_entry(entry_id, fields)
             frames.append(Frame(event.seq, event.epoch, event.terminal, event.frame()))
         stream.cursor = frames[-1].seq
-        for listener in list(stream.listeners):
-            for frame in frames:
-                if not listener.push(frame):
-                    break
+        for listener in stream.listeners:
+            listener.push(frames)
         self.stats["events"] += len(frames)
         self.stats["deliveries"] += len(frames) * len(stream.listeners)
 
@@ -244,4 +248,4 @@ class Hub:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             for stream in self._streams.values():
                 for listener in stream.listeners:
-                    listener.push(HEARTBEAT_FRAME)
+                    listener.push(HEARTBEAT_FRAMES)

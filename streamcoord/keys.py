@@ -52,7 +52,8 @@ class TaskRef:
     @property
     def pk_json(self) -> int | str:
         """The task id as events carry it in ``_task_id``: a number for integer keys."""
-        return int(self.pk) if self.pk.isdigit() and len(self.pk) < 16 else self.pk
+        numeric = self.pk.isdigit() and len(self.pk) < 16 and str(int(self.pk)) == self.pk
+        return int(self.pk) if numeric else self.pk  # "007" stays a string: it is not 7
 
     def __str__(self) -> str:
         return self.label

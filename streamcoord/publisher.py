@@ -30,6 +30,8 @@ class Publisher:
         self._sha: str | None = None
         self._pending: list[tuple[Args, asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: Round trips made (a pipeline counts once), for tests and stats.
+        self.batches = 0
 
     def submit(self, keys: Sequence[str], args: Sequence[str | bytes | int]) -> asyncio.Future[list[Any]]:
         """Queue one append; the future resolves to the script's reply."""
@@ -69,6 +71,7 @@ class Publisher:
 
     async def _send(self, calls: list[Args]) -> list[Any]:
         assert self._sha is not None
+        self.batches += 1
         if len(calls) == 1:
             keys, args = calls[0]
             return [await self._redis.evalsha(self._sha, len(keys), *keys, *args)]

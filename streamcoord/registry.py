@@ -19,6 +19,8 @@ from .keys import KeySpace
 AMBIGUOUS = b""
 #: A miss re-reads the hash at most this often, so junk URLs cannot hammer Redis.
 REFRESH_SECONDS = 1.0
+#: A hit is trusted this long; then the hash is read again (a name may have become ambiguous).
+MAX_AGE_SECONDS = 30.0
 
 
 async def register_models(redis: Redis, keys: KeySpace, models: Iterable[tuple[str, str]]) -> None:
@@ -29,7 +31,8 @@ async def register_models(redis: Redis, keys: KeySpace, models: Iterable[tuple[s
         canonical = f"{app_label}.{model}".encode()
         mapping[f"{app_label}.{model}".lower()] = canonical
         short = model.lower()
-        seen = current.get(short.encode(), mapping.get(short))
+        # This call's own earlier pairs come before what Redis held before the call.
+        seen = mapping.get(short, current.get(short.encode()))
         mapping[short] = canonical if seen in (None, canonical) else AMBIGUOUS
     if mapping:
         await redis.hset(keys.models(), mapping=mapping)  # type: ignore[arg-type]
@@ -47,8 +50,9 @@ class ModelRegistry:
     async def resolve(self, app_label: str | None, model: str) -> tuple[str, str] | None:
         """``(app_label, ModelName)`` as registered, or None for an unknown or ambiguous name."""
         name = (f"{app_label}.{model}" if app_label else model).lower().encode()
-        canonical = self._known.get(name)
-        if canonical is None and time.monotonic() - self._refreshed > REFRESH_SECONDS:
+        age = time.monotonic() - self._refreshed
+        canonical = self._known.get(name) if age < MAX_AGE_SECONDS else None
+        if canonical is None and age > REFRESH_SECONDS:
             known: Any = await self._redis.hgetall(self._keys.models())
             self._known = known
             self._refreshed = time.monotonic()

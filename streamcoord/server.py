@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from types import FrameType
 
 import uvicorn
@@ -67,17 +69,33 @@ def describe(sock: socket.socket) -> str:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, telling the hub to end open streams as soon as shutdown begins
-    (uvicorn would otherwise wait for them until its graceful timeout)."""
+    """uvicorn's server with our shutdown: the first SIGTERM/SIGINT tells the hub to end open
+    streams at once (uvicorn would wait for them until its graceful timeout), a second one stops
+    at once, and a gateway that drained exits 0 (uvicorn would re-raise the signal)."""
 
     def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
         super().__init__(config)
         self._hub = hub
         self._loop = asyncio.get_running_loop()
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+            return
+        self.should_exit = True
         self._loop.call_soon_threadsafe(self._hub.close_all, "shutdown")
-        super().handle_exit(sig, frame)
 
 
 @contextlib.asynccontextmanager
@@ -89,7 +107,7 @@ async def gateway_parts(
     # The hub's blocking read holds one connection; history reads and the rest share two more.
     redis = factory.client("gateway", max_connections=2)
     reader = factory.client("gateway-reader", max_connections=1)
-    hub = Hub(reader, settings)
+    hub = Hub(reader, redis, settings)
     await hub.start()
     try:
         yield Gateway(EventLog(redis, settings), hub, settings, extra_routes)

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import ConfigurationError
 
 ENV_PREFIX = "STREAMCOORD_"
+_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,8 +39,8 @@ class Settings:
     state_ttl_seconds: int = 7 * 24 * 3600
     #: Largest accepted event payload, in bytes of JSON.
     max_payload_bytes: int = 64 * 1024
-    #: Frames a gateway buffers per client before it disconnects a client that does not keep up
-    #: (the client resumes from Redis with Last-Event-ID).
+    #: Frames a client may leave untaken before the gateway disconnects it for not keeping up
+    #: (the client resumes from Redis with Last-Event-ID). Checked per batch of events read.
     client_queue_size: int = 1000
     #: Reconnect delay suggested to clients in the SSE ``retry:`` field, in milliseconds.
     retry_ms: int = 2000
@@ -52,6 +53,14 @@ class Settings:
     shutdown_grace_seconds: float = 5.0
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value: Any = getattr(self, field.name)
+            kind = _TYPES[str(field.type)]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigurationError(f"{field.name} must be a {field.type}, not {value!r}")
+            number = float(getattr(self, field.name)) if field.type != "str" else 1.0
+            if not (number > 0 or (field.name == "retry_ms" and number == 0)):  # NaN fails too
+                raise ConfigurationError(f"{field.name} must be a positive number, not {value!r}")
         if self.block_ms / 1000 >= self.redis_socket_timeout:
             raise ConfigurationError(
                 f"block_ms ({self.block_ms}) must be below redis_socket_timeout "
@@ -61,9 +70,6 @@ class Settings:
             raise ConfigurationError(
                 f"key_prefix {self.key_prefix!r} must be non-empty, without braces, colons or spaces"
             )
-        for name in ("max_stream_length", "max_payload_bytes", "client_queue_size", "block_ms"):
-            if getattr(self, name) <= 0:
-                raise ConfigurationError(f"{name} must be positive")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

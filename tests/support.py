@@ -1,0 +1,253 @@
+"""Real parts for tests: a redis-server, gateway processes, and a raw SSE client.
+
+Everything binds unix sockets in a temporary directory (the machine is shared: no fixed ports),
+and every process is stopped by the pid we started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _unix_ping(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(0.5)
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of our own on a unix socket (no TCP port at all)."""
+
+    directory: Path
+    extra: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run the tests with ./run test")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+             "--dir", str(self.directory), "--save", "", "--appendonly", "no",
+             "--logfile", str(self.directory / "redis.log"), *self.extra],
+        )
+        wait_for(lambda: _unix_ping(self.socket), 10, "redis-server to answer PING")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@dataclass
+class Gateway:
+    """A ``python -m streamcoord gateway`` subprocess on a unix socket."""
+
+    socket: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_gateway(directory: Path, redis_url: str, name: str = "gw", **settings: Any) -> Gateway:
+    sock = directory / f"{name}.sock"
+    log = directory / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCOORD_")}
+    env["STREAMCOORD_REDIS_URL"] = redis_url
+    env.update({f"STREAMCOORD_{k.upper()}": str(v) for k, v in settings.items()})
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamcoord", "gateway", "--socket", str(sock)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    gateway = Gateway(sock, process, log)
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_text()}")
+        return "listening on" in gateway.log_text()
+
+    wait_for(listening, 20, "the gateway to listen")
+    return gateway
+
+
+# -- a raw SSE client: light enough for hundreds of connections in one test process ----------
+
+
+@dataclass
+class SSEEvent:
+    id: str | None
+    event: str
+    data: str
+
+    @property
+    def seq(self) -> int:
+        assert self.id is not None
+        return int(self.id.rsplit("-", 1)[1])
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+class RawSSE:
+    """An HTTP/1.1 GET over a unix socket, decoding the chunked body as SSE by hand."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.comments: list[str] = []
+        self.ended = False  # the chunked body's terminating chunk arrived
+        self._buffer = b""
+
+    @classmethod
+    async def open(
+        cls, socket_path: Path, path: str, headers: dict[str, str] | None = None, rcvbuf: int | None = None
+    ) -> RawSSE:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, str(socket_path))
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        lines = [f"GET {path} HTTP/1.1", "Host: gateway", "Accept: text/event-stream"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def read_head(self) -> None:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split()[1])
+        for line in header_lines:
+            if line:
+                key, _, value = line.partition(":")
+                self.headers[key.strip().lower()] = value.strip()
+
+    async def _fill(self) -> bool:
+        """Read one chunk into the buffer; False at the end of the body."""
+        if self.ended:
+            return False
+        size_line = await self.reader.readline()
+        if not size_line:
+            self.ended = True  # connection closed without the last chunk
+            return False
+        size = int(size_line.strip(), 16)
+        if size == 0:
+            await self.reader.readline()
+            self.ended = True
+            return False
+        self._buffer += await self.reader.readexactly(size)
+        await self.reader.readexactly(2)
+        return True
+
+    async def next_event(self) -> SSEEvent | None:
+        """The next event (comments are collected aside); None when the stream ended."""
+        while True:
+            while b"\n\n" not in self._buffer:
+                if not await self._fill():
+                    return None
+            block, self._buffer = self._buffer.split(b"\n\n", 1)
+            event_id, event_type, data = None, "message", []
+            for line in block.decode().split("\n"):
+                name, _, value = line.partition(": ")
+                if line.startswith(":"):
+                    self.comments.append(line[1:].strip())
+                elif name == "id":
+                    event_id = value
+                elif name == "event":
+                    event_type = value
+                elif name == "data":
+                    data.append(value)
+            if data:
+                return SSEEvent(event_id, event_type, "\n".join(data))
+
+    async def events_until_end(self) -> list[SSEEvent]:
+        events = []
+        while (event := await self.next_event()) is not None:
+            events.append(event)
+        return events
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def sse_get(socket_path: Path, path: str, headers: dict[str, str] | None = None) -> RawSSE:
+    client = await RawSSE.open(socket_path, path, headers)
+    await client.read_head()
+    return client
+
+
+def gateway_redis_connections(client_list: list[dict[str, Any]], pid: int) -> int:
+    """Connections a gateway process holds, by the client names streamcoord gives them."""
+    return sum(1 for c in client_list if c.get("name", "").endswith(f":{pid}"))
+
+
+@contextlib.contextmanager
+def gateway_process(directory: Path, redis_url: str, name: str = "gw", **settings: Any) -> Iterator[Gateway]:
+    gateway = start_gateway(directory, redis_url, name, **settings)
+    try:
+        yield gateway
+    finally:
+        gateway.stop()

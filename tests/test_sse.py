@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import pytest
+
+from streamcoord import sse
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"a":1}', b'data: {"a":1}\n\n'),
+        (b"", b"data: \n\n"),
+        (b"a\nb", b"data: a\ndata: b\n\n"),
+        (b"a\r\nb", b"data: a\ndata: b\n\n"),
+        (b"a\rb", b"data: a\ndata: b\n\n"),
+        (b"a\r\n\rb\n", b"data: a\ndata: \ndata: b\ndata: \n\n"),
+        # A trailing newline must survive: the client joins data lines with "\n".
+        (b"a\n", b"data: a\ndata: \n\n"),
+        (b"\n", b"data: \ndata: \n\n"),
+    ],
+)
+def test_encode_event_data(data: bytes, expected: bytes) -> None:
+    assert sse.encode_event(data) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"event": b"progress", "id": b"3f9a02bc-17"},
+            b'id: 3f9a02bc-17\nevent: progress\ndata: {"a":1}\n\n',
+        ),
+        ({"event": b"progress"}, b'event: progress\ndata: {"a":1}\n\n'),
+        ({"id": b"3f9a02bc-17"}, b'id: 3f9a02bc-17\ndata: {"a":1}\n\n'),
+        ({"id": b""}, b'id: \ndata: {"a":1}\n\n'),
+    ],
+)
+def test_encode_event_fields(kwargs: dict[str, bytes], expected: bytes) -> None:
+    assert sse.encode_event(b'{"a":1}', **kwargs) == expected
+
+
+def test_encode_event_multiline_data_with_fields() -> None:
+    assert (
+        sse.encode_event(b"x\ny", event=b"e", id=b"i-1")
+        == b"id: i-1\nevent: e\ndata: x\ndata: y\n\n"
+    )
+
+
+@pytest.mark.parametrize("field", ["id", "event"])
+@pytest.mark.parametrize("value", [b"a\nb", b"a\rb", b"a\r\nb", b"ab\n", b"\r"])
+def test_encode_event_rejects_line_breaks_in_fields(field: str, value: bytes) -> None:
+    with pytest.raises(ValueError, match="line breaks"):
+        sse.encode_event(b"x", **{field: value})
+
+
+@pytest.mark.parametrize("value", [b"\0", b"a\0b", b"ab\0"])
+def test_encode_event_rejects_nul_in_id(value: bytes) -> None:
+    """Browsers ignore an id line holding NUL, which would silently break resumption."""
+    with pytest.raises(ValueError, match="NUL"):
+        sse.encode_event(b"x", id=value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"heartbeat", b": heartbeat\n\n"),
+        (b"", b": \n\n"),
+        (b"a\nb", b": a\n: b\n\n"),
+        (b"a\r\nb\rc", b": a\n: b\n: c\n\n"),
+    ],
+)
+def test_encode_comment(text: bytes, expected: bytes) -> None:
+    assert sse.encode_comment(text) == expected
+
+
+def test_constants_are_comment_frames() -> None:
+    assert sse.encode_comment(b"heartbeat") == sse.HEARTBEAT
+    assert sse.encode_comment(b"stream open") == sse.OPEN_COMMENT
+
+
+@pytest.mark.parametrize(("ms", "expected"), [(0, b"retry: 0\n\n"), (2000, b"retry: 2000\n\n")])
+def test_encode_retry(ms: int, expected: bytes) -> None:
+    assert sse.encode_retry(ms) == expected
+
+
+def test_encode_retry_rejects_negative() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        sse.encode_retry(-1)
