@@ -74,4 +74,5 @@ async def run_demo(
     if settings.embedded:
         log.info("embedded default: in-process Redis stand-in (set STREAMCOORD_REDIS_URL for a real one)")
     await serve(settings, host=host, port=port, socket_path=socket_path, factory=factory,
-                extra_routes=DemoRoutes(event_log))
+                extra_routes=DemoRoutes(event_log),
+                announce="streamcoord demo listening on {url}: open {url}/ in a browser")

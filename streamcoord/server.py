@@ -125,6 +125,7 @@ async def serve(
     socket_path: str | None = None,
     factory: RedisFactory | None = None,
     extra_routes: ExtraRoutes | None = None,
+    announce: str = "streamcoord gateway listening on {url}",
 ) -> None:
     """Serve until SIGTERM/SIGINT, then end open streams within the grace period."""
     sock = bind(host, port, socket_path)
@@ -139,7 +140,7 @@ async def serve(
         )
         server = _Server(config, gateway.hub)
         # A line tests and operators can wait for; the port is the real one even for port 0.
-        print(f"streamcoord gateway listening on {describe(sock)}", file=sys.stderr, flush=True)
+        print(announce.format(url=describe(sock)), file=sys.stderr, flush=True)
         try:
             await server.serve(sockets=[sock])
         finally:

@@ -368,3 +368,20 @@ async def test_gateway_log_has_no_tracebacks(gateway: Gateway, event_log: EventL
 
 def test_socket_paths_are_private_to_the_test(gateway: Gateway, tmp_path: Path) -> None:
     assert gateway.socket.parent == tmp_path
+
+
+async def test_clients_keep_their_place_when_the_gateway_loses_redis(
+    sse: Any, gateway: Gateway, event_log: EventLog, redis: Redis
+) -> None:
+    await publish(event_log, JOB, 5, complete=False)
+    client = await sse(gateway.socket, "/stream/Job/1")
+    first = [await asyncio.wait_for(client.next_event(), 5) for _ in range(5)]
+    killed = 0
+    for entry in await redis.client_list():
+        if entry["name"].endswith(f":{gateway.pid}"):
+            killed += await redis.client_kill_filter(_id=entry["id"])
+    assert killed >= 1
+    await publish(event_log, JOB, 5, start=6)
+    rest = await asyncio.wait_for(client.events_until_end(), 15)
+    assert [e.seq for e in first + rest] == list(range(1, 12))  # type: ignore[union-attr]
+    assert gateway_redis_connections(await redis.client_list(), gateway.pid) >= 1
