@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from .errors import StreamcoordError
+from .errors import ConfigurationError, StreamcoordError
 from .settings import Settings
 
 DEFAULT_SOCKET = "/tmp/django-stream.sock"
@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             from .server import serve
 
             if settings.embedded:
-                logging.warning(
-                    "STREAMCOORD_REDIS_URL is not set: serving the in-process stand-in, which no "
-                    "other process can publish to"
+                raise ConfigurationError(
+                    "a gateway needs STREAMCOORD_REDIS_URL (the embedded default is for the demo)"
                 )
             asyncio.run(serve(settings, **bind_target(args, DEFAULT_SOCKET)))  # type: ignore[arg-type]
         else:

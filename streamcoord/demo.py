@@ -7,6 +7,7 @@ installed. The page starts a ``demo.Countdown`` task and follows it with a plain
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.resources
 import json
 import logging
@@ -14,6 +15,7 @@ import logging
 from asgineer import HttpRequest
 
 from .connection import RedisFactory
+from .embedded import EmbeddedRedis
 from .eventlog import EventLog
 from .gateway import Response, text
 from .keys import TaskRef
@@ -67,12 +69,19 @@ class DemoRoutes:
 async def run_demo(
     settings: Settings, *, host: str | None = None, port: int | None = None, socket_path: str | None = None
 ) -> None:
+    embedded = EmbeddedRedis(settings.embedded_url_file) if settings.embedded else None
+    if embedded is not None:
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
     factory = RedisFactory(settings)
     redis = factory.client("demo")
     event_log = EventLog(redis, settings)
     await register_models(redis, event_log.keys, [(APP, MODEL)])
-    if settings.embedded:
-        log.info("embedded default: in-process Redis stand-in (set STREAMCOORD_REDIS_URL for a real one)")
-    await serve(settings, host=host, port=port, socket_path=socket_path, factory=factory,
+    if embedded is not None:
+        log.info("embedded default: Redis stand-in at %s (set STREAMCOORD_REDIS_URL for a real one)", embedded.url)
+    try:
+        await serve(settings, host=host, port=port, socket_path=socket_path, factory=factory,
                 extra_routes=DemoRoutes(event_log),
                 announce="streamcoord demo listening on {url}: open {url}/ in a browser")
+    finally:
+        if embedded is not None:
+            embedded.close()

@@ -149,7 +149,9 @@ class Feed:
         if hub_cursor > self._last and await self._catch_up(hub_cursor + 1, out):
             yield b"".join(out)
             return
-        async for chunk in self._live(out):
+        if out:  # what we caught up on goes out now, not with the next live event
+            yield b"".join(out)
+        async for chunk in self._live():
             yield chunk
 
     async def _catch_up(self, before: int, out: list[bytes]) -> bool:
@@ -161,17 +163,16 @@ class Feed:
                 return True
         return False
 
-    async def _live(self, out: list[bytes]) -> AsyncIterator[bytes]:
+    async def _live(self) -> AsyncIterator[bytes]:
         assert self.listener is not None
         while True:
             frames = await self.listener.take()
             if not frames:  # closed: overflow or shutdown
-                if out:
-                    yield b"".join(out)
                 return
+            out: list[bytes] = []
             done = await self._take_frames(frames, out)
-            yield b"".join(out)
-            out = []
+            if out:  # a batch of duplicates only sends nothing
+                yield b"".join(out)
             if done:
                 return
 

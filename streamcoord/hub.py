@@ -18,6 +18,7 @@ import collections
 import contextlib
 import logging
 import secrets
+import time
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Entries per key per XREAD; a stream with more pending is read again on the next call.
 READ_COUNT = 500
+#: How often an idle hub checks that no followed stream was created anew under it.
+REVALIDATE_SECONDS = 30.0
 WAKE_TTL_SECONDS = 24 * 3600
 
 
@@ -97,10 +100,11 @@ class Listener:
 
 
 class _Stream:
-    __slots__ = ("cursor", "listeners")
+    __slots__ = ("cursor", "epoch", "listeners")
 
     def __init__(self, cursor: int) -> None:
         self.cursor = cursor
+        self.epoch = b""  # of the last entry read; b"" until one was
         self.listeners: set[Listener] = set()
 
 
@@ -205,7 +209,14 @@ class Hub:
 
     async def _read_forever(self) -> None:
         backoff = 0.05
+        revalidate_at = time.monotonic() + REVALIDATE_SECONDS
         while True:
+            if time.monotonic() >= revalidate_at:
+                try:
+                    await self._revalidate()
+                    revalidate_at = time.monotonic() + REVALIDATE_SECONDS
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    pass  # the read below fails too and backs off
             self._wake_pending = False
             wanted: dict[str | bytes, str] = {self._wake_key: self._wake_last}
             for key, stream in self._streams.items():
@@ -220,6 +231,7 @@ class Hub:
                 self.stats["read_errors"] += 1
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                revalidate_at = 0  # Redis may have lost data while we were away
                 continue
             backoff = 0.05
             self.stats["reads"] += 1
@@ -237,11 +249,29 @@ class Hub:
         for entry_id, fields in entries:
             event = decode_entry(entry_id, fields)
             frames.append(Frame(event.seq, event.epoch, event.terminal, event.frame()))
-        stream.cursor = frames[-1].seq
+        stream.cursor, stream.epoch = frames[-1].seq, frames[-1].epoch
         for listener in stream.listeners:
             listener.push(frames)
         self.stats["events"] += len(frames)
         self.stats["deliveries"] += len(frames) * len(stream.listeners)
+
+    async def _revalidate(self) -> None:
+        """Rewind the cursor of every followed stream that was created anew (Redis lost it and
+        a writer started a new epoch): XREAD from the old position would skip the new stream's
+        first events. Listeners see the new epoch and tell their clients with a reset."""
+        followed = list(self._streams.items())
+        if not followed:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key, _ in followed:
+            pipe.hmget(KeySpace.state_of(key), ["epoch", "last_seq"])
+        replies = await pipe.execute()
+        for (key, stream), (epoch, last_seq) in zip(followed, replies, strict=True):
+            renewed = stream.epoch and epoch is not None and epoch != stream.epoch
+            if renewed or int(last_seq or 0) < stream.cursor:
+                log.info("stream %s was created anew; reading it from its start", key.decode())
+                stream.cursor, stream.epoch = 0, b""
+                self.stats["rewinds"] += 1
 
     async def _heartbeat_forever(self) -> None:
         while True:

@@ -7,6 +7,10 @@ land in one Redis Cluster slot and the append script may touch both::
     <prefix>:{<app>.<Model>:<pk>}:state    HASH    state, epoch, last_seq, last_type, timestamps
     <prefix>:models                        HASH    lower-cased model names -> "app.Model"
     <prefix>:gateway:<id>:wake             STREAM  wakes one gateway's reader when it gains a stream
+    <prefix>:jobs                          STREAM  tasks to run; consumer group "workers"
+    <prefix>:workers                       HASH    worker id -> JSON (host, pid, heartbeat, ...)
+    <prefix>:worker:<id>:running           SET     labels of the tasks a worker runs now
+    <prefix>:worker:<id>:control           STREAM  requests to one worker (cancel a task)
 """
 
 from __future__ import annotations
@@ -58,6 +62,15 @@ class TaskRef:
     def __str__(self) -> str:
         return self.label
 
+    @classmethod
+    def parse(cls, label: str) -> TaskRef:
+        """The inverse of :attr:`label`: ``app.Model:pk``."""
+        model_label, sep, pk = label.partition(":")
+        app_label, dot, model = model_label.partition(".")
+        if not sep or not dot:
+            raise InvalidTaskRef(f"invalid task label {label!r}: expected app.Model:pk")
+        return cls(app_label, model, pk)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class KeySpace:
@@ -71,8 +84,25 @@ class KeySpace:
     def state(self, ref: TaskRef) -> str:
         return f"{self.prefix}:{{{ref.label}}}:state"
 
+    @staticmethod
+    def state_of(events_key: bytes) -> bytes:
+        """The state key of the task whose events key is given (same task, same hash tag)."""
+        return events_key.removesuffix(b":events") + b":state"
+
     def models(self) -> str:
         return f"{self.prefix}:models"
 
     def gateway_wake(self, gateway_id: str) -> str:
         return f"{self.prefix}:gateway:{gateway_id}:wake"
+
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker_running(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}:running"
+
+    def worker_control(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}:control"

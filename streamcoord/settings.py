@@ -15,7 +15,8 @@ from typing import Any
 from .errors import ConfigurationError
 
 ENV_PREFIX = "STREAMCOORD_"
-_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
+_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -23,7 +24,7 @@ class Settings:
     """streamcoord's configuration. Each field maps to ``STREAMCOORD_<FIELD NAME IN CAPS>``."""
 
     #: Redis URL (``redis://``, ``rediss://`` or ``unix://``). Empty means the embedded default:
-    #: an in-process Redis stand-in, for demos and single-process development only.
+    #: a Redis stand-in inside the serving process, for demos and development only.
     redis_url: str = ""
     #: Prefix of every key, so several deployments can share one Redis.
     key_prefix: str = "sc"
@@ -51,14 +52,22 @@ class Settings:
     redis_socket_timeout: float = 5.0
     #: Seconds open streams get to end cleanly when a gateway shuts down.
     shutdown_grace_seconds: float = 5.0
+    #: Connecting to the stream of a task that was created but never started starts it.
+    lazy_start: bool = True
+    #: Tasks one worker process runs at once (``runworker --concurrency`` overrides it).
+    worker_concurrency: int = 50
+    #: Seconds between a worker's heartbeats in Redis.
+    worker_heartbeat_seconds: float = 5.0
+    #: Where the embedded default announces its URL to other local processes ('' = nowhere).
+    embedded_url_file: str = ""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value: Any = getattr(self, field.name)
             kind = _TYPES[str(field.type)]
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ConfigurationError(f"{field.name} must be a {field.type}, not {value!r}")
-            number = float(getattr(self, field.name)) if field.type != "str" else 1.0
+            number = float(getattr(self, field.name)) if field.type not in ("str", "bool") else 1.0
             if not (number > 0 or (field.name == "retry_ms" and number == 0)):  # NaN fails too
                 raise ConfigurationError(f"{field.name} must be a positive number, not {value!r}")
         if self.block_ms / 1000 >= self.redis_socket_timeout:
@@ -105,6 +114,10 @@ class Settings:
 def _parse(name: str, type_name: Any, raw: str) -> Any:
     kind = str(type_name)
     try:
+        if kind == "bool":
+            if raw.lower() not in _TRUE | _FALSE:
+                raise ValueError(raw)
+            return raw.lower() in _TRUE
         if kind == "int":
             return int(raw)
         if kind == "float":

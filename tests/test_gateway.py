@@ -385,3 +385,39 @@ async def test_clients_keep_their_place_when_the_gateway_loses_redis(
     rest = await asyncio.wait_for(client.events_until_end(), 15)
     assert [e.seq for e in first + rest] == list(range(1, 12))  # type: ignore[union-attr]
     assert gateway_redis_connections(await redis.client_list(), gateway.pid) >= 1
+
+
+async def test_a_stream_lost_in_a_redis_restart_resets_its_clients(
+    sse: Any, tmp_path: Path, gateway_factory: Any
+) -> None:
+    """Redis restarts without persistence mid-task: the writer starts a new epoch, and the
+    connected client gets `reset` and the new stream, never a silent gap or a hang."""
+    from streamcoord import Settings
+    from streamcoord.keys import KeySpace
+    from streamcoord.registry import register_models
+
+    from .support import RedisServer, start_gateway
+
+    server = RedisServer(tmp_path / "volatile").start()
+    client_redis = Redis(unix_socket_path=str(server.socket))
+    gateway = start_gateway(tmp_path, server.url, "volatile-gw")
+    try:
+        await register_models(client_redis, KeySpace("sc"), [("shop", "Job")])
+        log = EventLog(client_redis, Settings(redis_url=server.url))
+        writer = log.writer(JOB)
+        before = [await writer.append("progress", {"n": n}) for n in range(5)]
+        stream = await sse(gateway.socket, "/stream/Job/1")
+        seen = [await asyncio.wait_for(stream.next_event(), 5) for _ in range(5)]
+        server.stop()
+        server.start()  # empty: nothing was persisted
+        await register_models(client_redis, KeySpace("sc"), [("shop", "Job")])
+        after = [await writer.append("progress", {"n": 5}), await writer.append("complete", {})]
+        rest = await asyncio.wait_for(stream.events_until_end(), 20)
+    finally:
+        gateway.stop()
+        await client_redis.aclose()
+        server.stop()
+    assert [e.seq for e in seen] == [1, 2, 3, 4, 5]  # type: ignore[union-attr]
+    assert after[0].epoch != before[0].epoch and [a.seq for a in after] == [1, 2]
+    assert rest[0].event == "reset" and rest[0].json()["reason"] == "epoch"
+    assert [(e.id, e.event) for e in rest[1:]] == [(str(after[0]), "progress"), (str(after[1]), "complete")]

@@ -8,10 +8,10 @@ import sys
 
 import streamcoord
 
-from .support import REPO
+from .support import REPO, RedisServer
 
 
-def test_importing_every_core_module_and_serving_imports_no_django() -> None:
+def test_importing_every_core_module_and_serving_imports_no_django(redis_server: RedisServer) -> None:
     modules = sorted(f"streamcoord.{m.name}" for m in pkgutil.iter_modules(streamcoord.__path__))
     assert "streamcoord.gateway" in modules and "streamcoord.hub" in modules
     script = (
@@ -23,7 +23,7 @@ def test_importing_every_core_module_and_serving_imports_no_django() -> None:
         "from streamcoord.settings import Settings\n"
         "import asyncio\n"
         "async def build():\n"
-        "    async with gateway_parts(Settings()) as gateway:\n"
+        f"    async with gateway_parts(Settings(redis_url={redis_server.url!r})) as gateway:\n"
         "        gateway.asgi()\n"
         "asyncio.run(build())\n"
         "loaded = sorted(m for m in sys.modules if m == 'django' or m.startswith('django.'))\n"

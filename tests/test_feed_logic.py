@@ -1,0 +1,451 @@
+"""Our reasoning in Listener, Hub and Feed, against fakeredis: the hub's reader is never started;
+tests hand it XREAD-shaped replies through ``Hub._dispatch`` themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import fakeredis
+import pytest
+
+from streamcoord import sse
+from streamcoord.errors import UnknownTask
+from streamcoord.eventlog import EventLog
+from streamcoord.feed import Feed
+from streamcoord.hub import HEARTBEAT_FRAMES, Frame, Hub, Listener
+from streamcoord.ids import EventId
+from streamcoord.keys import TaskRef
+from streamcoord.settings import Settings
+
+REF = TaskRef("shop", "Job", "1")
+TIMEOUT = 2.0
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def parse(raw: bytes) -> list[tuple[str, str, str]]:
+    """SSE bytes -> (id, event, data) per frame; a comment frame is ("", ":", text)."""
+    frames = []
+    for block in raw.split(b"\n\n")[:-1]:
+        fields: dict[str, str] = {}
+        for line in block.decode().split("\n"):
+            name, _, value = line.partition(": ")
+            fields[name or ":"] = value
+        if ":" in fields:
+            frames.append(("", ":", fields[":"]))
+        else:
+            frames.append((fields.get("id", ""), fields.get("event", ""), fields["data"]))
+    return frames
+
+
+def seqs(frames: list[tuple[str, str, str]]) -> list[int]:
+    return [int(id_.rpartition("-")[2]) for id_, _, _ in frames if id_]
+
+
+def entry(seq: int, epoch: bytes = b"e1", type_: bytes = b"progress", data: bytes = b"{}") -> Any:
+    return (b"%d-0" % seq, {b"epoch": epoch, b"type": type_, b"data": data})
+
+
+async def wait_until(condition: Callable[[], bool], state: Callable[[], object] = str) -> None:
+    """Poll ``condition`` for up to TIMEOUT seconds; on failure show ``state()``."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting; state: {state()}")
+        await asyncio.sleep(0.001)
+
+
+class Client:
+    """Iterates a feed in a task of its own, as the gateway does, collecting its chunks."""
+
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
+        self.chunks: list[bytes] = []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for chunk in self.feed.chunks():
+                self.chunks.append(chunk)
+        finally:
+            self.feed.close()
+
+    @property
+    def frames(self) -> list[tuple[str, str, str]]:
+        return parse(b"".join(self.chunks))
+
+    async def wait_frames(self, count: int) -> list[tuple[str, str, str]]:
+        await wait_until(lambda: len(self.frames) >= count, lambda: [i for i, _, _ in self.frames])
+        return self.frames
+
+    async def finished(self) -> list[tuple[str, str, str]]:
+        await asyncio.wait_for(self.task, TIMEOUT)
+        # Whole frames only. (An all-duplicates live batch yields b"": harmless, tolerated.)
+        assert all(chunk.endswith(b"\n\n") for chunk in self.chunks if chunk)
+        assert [f for c in self.chunks for f in parse(c)] == self.frames
+        return self.frames
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+async def redis(server: fakeredis.FakeServer) -> AsyncIterator[fakeredis.FakeAsyncRedis]:
+    client = fakeredis.FakeAsyncRedis(server=server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def log(redis: fakeredis.FakeAsyncRedis) -> EventLog:
+    return EventLog(redis, Settings())
+
+
+@pytest.fixture
+async def hub(server: fakeredis.FakeServer, redis: fakeredis.FakeAsyncRedis) -> AsyncIterator[Hub]:
+    reader = fakeredis.FakeAsyncRedis(server=server)
+    yield Hub(reader, redis, Settings())  # never started: tests dispatch themselves
+    await reader.aclose()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    opened: list[Client] = []
+    yield opened
+    for client in opened:
+        await client.stop()
+
+
+async def publish(log: EventLog, *types: str) -> list[EventId]:
+    writer = log.writer(REF)
+    return [await writer.append(t, {"n": n}) for n, t in enumerate(types)]
+
+
+async def dispatch(hub: Hub, log: EventLog, first: int, last: int) -> None:
+    """Hand the hub events first..last as its XREAD would, read from the stream itself."""
+    key = log.keys.events(REF)
+    entries = await log.redis.xrange(key, f"{first}-0", f"{last}-0")
+    assert entries, "nothing to dispatch"
+    hub._dispatch(key.encode(), entries)
+
+
+async def open_client(log: EventLog, hub: Hub, clients: list[Client], **kwargs: Any) -> Client:
+    feed = await asyncio.wait_for(Feed.open(log, hub, REF, **kwargs), TIMEOUT)
+    client = Client(feed)
+    clients.append(client)
+    return client
+
+
+# -- 1. Listener -------------------------------------------------------------------------------
+
+
+def frames(*numbers: int) -> list[Frame]:
+    return [Frame(n, b"e1", False, b"data: %d\n\n" % n) for n in numbers]
+
+
+async def test_listener_take_returns_all_queued_frames_in_order() -> None:
+    listener = Listener(b"k", limit=10)
+    listener.push(frames(1, 2))
+    listener.push(frames(3))
+    assert [f.seq for f in await asyncio.wait_for(listener.take(), TIMEOUT)] == [1, 2, 3]
+    listener.push(frames(4))
+    assert [f.seq for f in await asyncio.wait_for(listener.take(), TIMEOUT)] == [4]
+
+
+async def test_listener_overflow_closes_it_and_cancels_its_task() -> None:
+    listener = Listener(b"k", limit=3)
+    listener.task = asyncio.create_task(asyncio.sleep(60))
+    listener.push(frames(1, 2))
+    listener.push(frames(3))  # now holding exactly ``limit`` untaken frames
+    assert listener.closed is None
+    listener.push(frames(4))
+    assert listener.closed == "overflow"
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(listener.task, TIMEOUT)
+    assert listener.task.cancelled()
+    assert [f.seq for f in listener.frames] == [1, 2, 3]  # the overflowing batch is dropped
+
+
+async def test_listener_accepts_a_burst_larger_than_its_limit() -> None:
+    listener = Listener(b"k", limit=3)
+    listener.push(frames(*range(1, 11)))  # empty queue: the bound is checked before appending
+    assert listener.closed is None
+    assert [f.seq for f in await listener.take()] == list(range(1, 11))
+    listener.push(frames(11, 12))
+    listener.push(frames(*range(13, 20)))  # 2 untaken < limit: accepted
+    assert listener.closed is None
+    assert len(listener.frames) == 9
+
+
+async def test_close_wakes_a_waiting_take() -> None:
+    listener = Listener(b"k", limit=3)
+    waiting = asyncio.create_task(listener.take())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    listener.close("shutdown")
+    assert await asyncio.wait_for(waiting, TIMEOUT) == []
+    assert listener.closed == "shutdown"
+    listener.push(frames(1))  # ignored once closed
+    assert await listener.take() == []
+
+
+# -- 2. Hub ------------------------------------------------------------------------------------
+
+
+async def test_subscribe_returns_the_hub_cursor(hub: Hub) -> None:
+    first, cursor = hub.subscribe("sc:k", 4)
+    assert cursor == 4  # a new key starts where its first listener is
+    hub._dispatch(b"sc:k", [entry(5), entry(6), entry(7)])
+    second, cursor = hub.subscribe("sc:k", 2)
+    assert cursor == 7  # an existing key: the hub's own position
+    _, cursor = hub.subscribe("sc:k", 9)
+    assert cursor == 7
+    assert (hub.stream_count, hub.listener_count) == (1, 3)
+    assert first.key == second.key == b"sc:k"
+
+
+async def test_dispatch_delivers_each_frame_once_encoded_once(hub: Hub) -> None:
+    a, _ = hub.subscribe("sc:k", 0)
+    b, _ = hub.subscribe("sc:k", 0)
+    other, _ = hub.subscribe("sc:other", 0)
+    hub._dispatch(b"sc:k", [entry(1), entry(2, type_=b"complete", data=b'{"x":1}')])
+    hub._dispatch(b"sc:k", [entry(3)])
+    got_a, got_b = await a.take(), await b.take()
+    assert [f.seq for f in got_a] == [f.seq for f in got_b] == [1, 2, 3]
+    assert [f.terminal for f in got_a] == [False, True, False]
+    assert got_a[1].data == b'id: e1-2\nevent: complete\ndata: {"x":1}\n\n'
+    assert all(fa.data is fb.data for fa, fb in zip(got_a, got_b, strict=True))
+    assert not other.frames
+    assert hub.stats["events"] == 3 and hub.stats["deliveries"] == 6
+    _, cursor = hub.subscribe("sc:k", 0)
+    assert cursor == 3
+
+
+async def test_unsubscribing_the_last_listener_forgets_the_stream(hub: Hub) -> None:
+    a, _ = hub.subscribe("sc:k", 0)
+    b, _ = hub.subscribe("sc:k", 0)
+    hub._dispatch(b"sc:k", [entry(1), entry(2)])
+    hub.unsubscribe(a)
+    assert a.closed == "unsubscribed"
+    assert hub.stream_count == 1
+    hub.unsubscribe(b)
+    assert (hub.stream_count, hub.listener_count) == (0, 0)
+    _, cursor = hub.subscribe("sc:k", 0)
+    assert cursor == 0  # forgotten: a new listener starts the stream afresh
+
+
+async def test_dispatch_for_an_unknown_key_is_ignored(hub: Hub) -> None:
+    listener, _ = hub.subscribe("sc:k", 0)
+    hub._dispatch(b"sc:gone", [entry(1)])
+    assert not listener.frames
+    assert hub.stream_count == 1
+    assert hub.stats["events"] == 0
+
+
+async def test_heartbeats_are_frames_of_seq_zero(redis: fakeredis.FakeAsyncRedis) -> None:
+    assert [(f.seq, f.terminal, f.data) for f in HEARTBEAT_FRAMES] == [(0, False, sse.HEARTBEAT)]
+    hub = Hub(redis, redis, Settings(heartbeat_seconds=0.01))
+    listener, _ = hub.subscribe("sc:k", 0)
+    beating = asyncio.create_task(hub._heartbeat_forever())
+    try:
+        taken = await asyncio.wait_for(listener.take(), TIMEOUT)
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+    assert taken and all(f.seq == 0 and f.data == sse.HEARTBEAT for f in taken)
+
+
+# -- 3. Feed -----------------------------------------------------------------------------------
+
+
+async def test_new_client_gets_history_then_live_until_the_terminal_event(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    ids = await publish(log, "start", "progress")
+    client = await open_client(log, hub, clients)
+    assert seqs(await client.wait_frames(2)) == [1, 2]
+    await wait_until(lambda: hub.listener_count == 1)
+    await log.writer(REF).append("progress", {"n": 3})
+    await dispatch(hub, log, 3, 3)
+    await client.wait_frames(3)
+    await log.writer(REF).append("complete", {"n": 4})
+    await dispatch(hub, log, 4, 4)
+    got = await client.finished()
+    epoch = ids[0].epoch
+    assert [(i, e) for i, e, _ in got] == [
+        (f"{epoch}-1", "start"),
+        (f"{epoch}-2", "progress"),
+        (f"{epoch}-3", "progress"),
+        (f"{epoch}-4", "complete"),
+    ]
+    assert json.loads(got[3][2])["n"] == 4
+    assert len(client.chunks) == 3  # history in one chunk, then one per live batch
+    assert all(chunk.endswith(b"\n\n") for chunk in client.chunks)
+    assert hub.listener_count == 0  # the feed let go of its listener
+
+
+async def test_a_second_client_joins_a_hub_that_is_ahead(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    await publish(log, *["progress"] * 5)
+    first = await open_client(log, hub, clients)
+    await first.wait_frames(5)
+    await wait_until(lambda: hub.listener_count == 1)
+    await dispatch(hub, log, 1, 5)  # the first client already had them: skipped
+    writer = log.writer(REF)
+    for n in range(6, 9):
+        await writer.append("progress", {"n": n})  # in Redis, not yet read by the hub
+    second = await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 2)
+    assert seqs(second.frames) == list(range(1, 9))
+    await dispatch(hub, log, 6, 8)  # the hub catches up: the second client has them already
+    await writer.append("complete", {})
+    await dispatch(hub, log, 9, 9)
+    assert seqs(await second.finished()) == list(range(1, 10))
+    assert seqs(await first.finished()) == list(range(1, 10))
+
+
+async def test_a_client_behind_the_hub_reads_the_difference_from_redis(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    await publish(log, *["progress"] * 3)
+    first = await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 1)
+    second_feed = await Feed.open(log, hub, REF)  # first page read now: events 1..3
+    writer = log.writer(REF)
+    for n in range(4, 9):
+        await writer.append("progress", {"n": n})
+    await dispatch(hub, log, 4, 8)  # hub cursor 8, past the second feed's page
+    second = Client(second_feed)
+    clients.append(second)
+    await wait_until(lambda: hub.listener_count == 2)
+    assert seqs(await second.wait_frames(8)) == list(range(1, 9))
+    await dispatch(hub, log, 6, 8)  # duplicates from the hub are skipped by sequence
+    await writer.append("complete", {})
+    await dispatch(hub, log, 9, 9)
+    assert seqs(await second.finished()) == list(range(1, 10))
+    assert seqs(await first.finished()) == list(range(1, 10))
+
+
+async def test_a_gap_in_live_frames_is_filled_from_redis(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    await publish(log, "start", "progress")
+    client = await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 1)
+    writer = log.writer(REF)
+    for n in range(3, 6):
+        await writer.append("progress", {"n": n})
+    await dispatch(hub, log, 5, 5)  # seq last+3: 3 and 4 never came through the hub
+    got = await client.wait_frames(5)
+    assert seqs(got) == [1, 2, 3, 4, 5]
+    assert [json.loads(d)["n"] for _, _, d in got[2:]] == [3, 4, 5]
+    await writer.append("complete", {})
+    await dispatch(hub, log, 6, 6)
+    assert seqs(await client.finished()) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_an_epoch_change_resets_the_client_and_starts_the_new_stream(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    old = await publish(log, "start", "progress", "progress")
+    client = await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 1)
+    await log.redis.delete(log.keys.events(REF))  # as a Redis restart without persistence
+    writer = log.writer(REF)
+    await writer.append("progress", {"n": 1})  # no stream: a new epoch, from seq 1
+    new_epoch = writer.epoch
+    assert new_epoch != old[0].epoch
+    for n in range(2, 5):
+        await writer.append("progress", {"n": n})
+    # The hub read on from its old cursor (3), so the first frame it sees is the new seq 4.
+    await dispatch(hub, log, 4, 4)
+    got = await client.wait_frames(3 + 1 + 4)
+    assert [i for i, _, _ in got[:3]] == [str(i) for i in old]
+    assert got[3][1] == "reset"
+    assert json.loads(got[3][2])["reason"] == "epoch"
+    assert [i for i, _, _ in got[4:]] == [f"{new_epoch}-{n}" for n in range(1, 5)]
+    await writer.append("complete", {})
+    await dispatch(hub, log, 5, 5)
+    assert (await client.finished())[-1][:2] == (f"{new_epoch}-5", "complete")
+
+
+async def test_resuming_from_the_terminal_event_sends_nothing(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    ids = await publish(log, "start", "complete")
+    client = await open_client(log, hub, clients, last_id=ids[-1])
+    assert client.feed.ended
+    assert await client.finished() == []
+    assert client.chunks == []
+    assert hub.listener_count == 0 and hub.stream_count == 0
+
+
+async def test_resuming_from_a_foreign_epoch_resets_then_sends_everything(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    ids = await publish(log, "start", "progress", "complete")
+    client = await open_client(log, hub, clients, last_id=EventId("ffff0000", 2))
+    got = await client.finished()
+    reset = json.loads(got[0][2])
+    assert (got[0][1], reset["reason"], reset["epoch"]) == ("reset", "epoch", ids[0].epoch)
+    assert [i for i, _, _ in got[1:]] == [str(i) for i in ids]
+
+
+async def test_latest_sends_only_the_latest_event_first(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    ids = await publish(log, "start", "progress", "progress")
+    client = await open_client(log, hub, clients, latest=True)
+    assert [i for i, _, _ in await client.wait_frames(1)] == [str(ids[2])]
+    await wait_until(lambda: hub.listener_count == 1)
+    await log.writer(REF).append("complete", {})
+    await dispatch(hub, log, 1, 4)  # the hub may hand over older ones too: skipped
+    assert seqs(await client.finished()) == [3, 4]
+
+
+async def test_an_unknown_task_does_not_open(log: EventLog, hub: Hub) -> None:
+    with pytest.raises(UnknownTask):
+        await Feed.open(log, hub, REF)
+    assert hub.stream_count == 0
+
+
+async def test_a_declared_task_without_events_opens_and_waits(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    await log.declare(REF)
+    client = await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 1)
+    assert client.chunks == []
+    await publish(log, "start", "complete")
+    await dispatch(hub, log, 1, 2)
+    assert [e for _, e, _ in await client.finished()] == ["start", "complete"]
+
+
+async def test_an_expired_stream_sends_reset_then_the_outcome(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    ids = await publish(log, "start", "error")
+    stored = await log.state(REF)
+    assert stored is not None
+    await log.redis.delete(log.keys.events(REF))
+    client = await open_client(log, hub, clients)
+    assert client.feed.ended
+    got = await client.finished()
+    assert [e for _, e, _ in got] == ["reset", "error"]
+    assert json.loads(got[0][2])["reason"] == "expired"
+    assert got[1] == (str(ids[1]), "error", stored.end_data.decode())
+    assert json.loads(got[1][2])["n"] == 1
+    assert hub.stream_count == 0
