@@ -1,4 +1,4 @@
-"""``python -m streamcoord``: the core's command line (a gateway, or the self-contained demo)."""
+"""``python -m streamcoord gateway``: a stateless SSE gateway (the core's command line)."""
 
 from __future__ import annotations
 
@@ -41,10 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
         "gateway", help="serve task streams over SSE (stateless; STREAMCOORD_REDIS_URL names Redis)"
     )
     _add_bind_options(gateway, DEFAULT_SOCKET)
-    demo = commands.add_parser(
-        "demo", help="a gateway, an in-process publisher and a demo page, in one process"
-    )
-    _add_bind_options(demo, None)
     return parser
 
 
@@ -53,18 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
-        if args.command == "gateway":
-            from .server import serve
+        if settings.embedded:
+            raise ConfigurationError(
+                "a gateway needs STREAMCOORD_REDIS_URL (for the embedded default, run "
+                "`manage.py runserver_stream` with nothing configured)"
+            )
+        from .server import serve
 
-            if settings.embedded:
-                raise ConfigurationError(
-                    "a gateway needs STREAMCOORD_REDIS_URL (the embedded default is for the demo)"
-                )
-            asyncio.run(serve(settings, **bind_target(args, DEFAULT_SOCKET)))  # type: ignore[arg-type]
-        else:
-            from .demo import run_demo
-
-            asyncio.run(run_demo(settings, **bind_target(args, None)))  # type: ignore[arg-type]
+        asyncio.run(serve(settings, **bind_target(args, DEFAULT_SOCKET)))  # type: ignore[arg-type]
     except StreamcoordError as exc:
         print(f"streamcoord: {exc}", file=sys.stderr)
         return 2

@@ -90,6 +90,11 @@ class EventLog:
         raw: Any = await self.redis.hgetall(self.keys.state(ref))
         return TaskState.from_hash(raw)
 
+    async def set_final_value(self, ref: TaskRef, value: Any) -> None:
+        """Record a run's final value in its state record (for the completed-task JSON answer),
+        when the task sent its terminal event itself."""
+        await self.redis.hset(self.keys.state(ref), "final_value", json.dumps(value))
+
     async def read(self, ref: TaskRef, after: int = 0, count: int | None = None) -> list[Event]:
         """Events with a sequence above ``after``, oldest first (at most ``count``)."""
         entries: Any = await self.redis.xrange(self.keys.events(ref), f"({after}-0", "+", count=count)
@@ -115,6 +120,8 @@ class TaskWriter:
         self._inflight: set[asyncio.Future[list[Any]]] = set()
         self._resync = True
         self.token = secrets.token_hex(4)
+        #: The terminal event type this writer appended ('' while the run goes on).
+        self.ended = ""
 
     @property
     def epoch(self) -> str:
@@ -150,6 +157,8 @@ class TaskWriter:
             reply = await self._submit(seq, event_type, data, terminal, final)
             status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             if status in ("ok", "dup"):
+                if terminal:
+                    self.ended = event_type
                 return EventId(self._epoch, seq)
             self._resync = True
             if status == "lost" and not self._inflight:

@@ -142,7 +142,7 @@ class Feed:
             if len(page) < HISTORY_PAGE:
                 break
             page = await self._read(self._last)
-        self.listener, hub_cursor = self.hub.subscribe(self._key, self._last)
+        self.listener, hub_cursor = self.hub.subscribe(self._key, self._last, self._epoch)
         # The hub cancels the task writing this feed if its client falls too far behind.
         self.listener.task = asyncio.current_task()
         # When the hub already read past us for earlier listeners, fetch the difference ourselves.

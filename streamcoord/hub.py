@@ -128,8 +128,8 @@ class Hub:
 
     # -- listeners ---------------------------------------------------------------------------
 
-    def subscribe(self, key: str, after: int) -> tuple[Listener, int]:
-        """Listen to ``key`` from sequence ``after`` on.
+    def subscribe(self, key: str, after: int, epoch: bytes = b"") -> tuple[Listener, int]:
+        """Listen to ``key`` from sequence ``after`` (of ``epoch``, when the caller knows it) on.
 
         Returns the listener and the hub's own position in that stream. When the hub is already
         past ``after``, the caller must read the events in between from Redis itself; events at
@@ -139,6 +139,7 @@ class Hub:
         stream = self._streams.get(bkey)
         if stream is None:
             stream = self._streams[bkey] = _Stream(after)
+            stream.epoch = epoch  # so a stream created anew is noticed even before an entry
             self._wake()
         listener = Listener(bkey, self._settings.client_queue_size)
         stream.listeners.add(listener)

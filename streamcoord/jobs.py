@@ -143,4 +143,4 @@ class JobQueue:
         return state, worker_id
 
     async def is_running(self, ref: TaskRef) -> bool:
-        return await self.redis.hget(self.keys.state(ref), "state") == b"running"  # type: ignore[misc]
+        return await self.redis.hget(self.keys.state(ref), "state") == b"running"

@@ -449,3 +449,22 @@ async def test_an_expired_stream_sends_reset_then_the_outcome(
     assert got[1] == (str(ids[1]), "error", stored.end_data.decode())
     assert json.loads(got[1][2])["n"] == 1
     assert hub.stream_count == 0
+
+
+async def test_revalidate_rewinds_a_stream_created_anew_under_a_history_only_listener(
+    log: EventLog, hub: Hub, redis: fakeredis.FakeAsyncRedis, clients: list[Client]
+) -> None:
+    """The client read 1..3 from history alone (the hub never dispatched an entry); Redis then
+    lost the stream and a new run ended exactly at seq 3: only the epoch tells them apart."""
+    await publish(log, "progress", "progress", "progress")
+    client = await open_client(log, hub, clients)
+    await wait_until(lambda: hub.stream_count == 1)
+    await redis.delete(log.keys.events(REF), log.keys.state(REF))
+    await publish(log, "progress", "progress", "complete")
+    key = log.keys.events(REF).encode()
+    await hub._revalidate()
+    assert hub._streams[key].cursor == 0
+    await dispatch(hub, log, 1, 3)  # what the hub's next XREAD returns from the rewound cursor
+    await asyncio.wait_for(client.task, TIMEOUT)
+    received = parse(b"".join(client.chunks))
+    assert [event for _, event, _ in received] == ["progress"] * 3 + ["reset", "progress", "progress", "complete"]

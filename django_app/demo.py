@@ -1,0 +1,49 @@
+"""The demo pages of the embedded default: start an example task with a click, watch it live.
+
+Served by ``runserver_stream`` only when it runs the embedded default (one process with its own
+worker and database access); a stateless gateway serves no pages.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from typing import Any
+
+from asgineer import HttpRequest
+
+from streamcoord.gateway import Response, text
+
+from .coordinator import coordinator, find_model
+
+PAGE = importlib.resources.files(__package__).joinpath("demo.html").read_bytes()
+
+#: What the page offers: a label, a model, and the fields of the row it creates.
+KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "progress": ("ProgressTask: 20 steps", {"steps": 20, "delay": 0.25}),
+    "failing": ("ProgressTask that fails at step 5", {"steps": 10, "delay": 0.25, "fail_at": 5}),
+    "example": ("ExampleTask (the predecessor's)", {"message": "Hello from the demo"}),
+}
+MODELS = {"progress": "ProgressTask", "failing": "ProgressTask", "example": "ExampleTask"}
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return status, {"content-type": "application/json", "cache-control": "no-store"}, json.dumps(body)
+
+
+async def demo_routes(request: HttpRequest) -> Response | None:
+    if request.path == "/" and request.method == "GET":
+        return 200, {"content-type": "text/html; charset=utf-8"}, PAGE
+    if request.path == "/demo/kinds":
+        return _json([{"kind": kind, "label": label} for kind, (label, _) in KINDS.items()])
+    if request.path == "/demo/start":
+        if request.method != "POST":
+            return text(405, "use POST")
+        kind = request.querydict.get("kind", "")
+        if kind not in KINDS:
+            return text(400, f"kind must be one of {', '.join(KINDS)}")
+        task = await find_model(MODELS[kind]).objects.acreate(**KINDS[kind][1])
+        outcome = await coordinator.start_task(task)
+        ref = task.stream_ref
+        return _json({"model": ref.model, "id": task.pk, "stream": task.stream_path, "started": outcome.queued})
+    return None

@@ -1,0 +1,65 @@
+"""Example tasks: the predecessor's ``ExampleTask`` and ``ContinueTask``, and ``ProgressTask``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from django.db import models
+
+from django_app.models import StreamTask
+
+
+class ExampleTask(StreamTask):
+    """The predecessor's example: three steps, two seconds apart."""
+
+    message = models.CharField(max_length=255, default="Hello from ExampleTask")
+
+    async def process(self) -> Any:
+        await self.send_event("start", {"message": self.message, "total_steps": 3})
+        for i in range(1, 4):
+            await asyncio.sleep(2)
+            await self.send_event(
+                "progress", {"step": i, "total_steps": 3, "message": f"Step {i} of 3"}
+            )
+        await self.send_event("complete", {"message": "Task completed successfully"})
+        return {"message": self.message, "steps": 3}
+
+
+class ProgressTask(StreamTask):
+    """A configurable task for demos, tests and benchmarks."""
+
+    steps = models.PositiveIntegerField(default=10)
+    delay = models.FloatField(default=0.5, help_text="seconds per step")
+    fail_at = models.PositiveIntegerField(null=True, blank=True, help_text="step at which it raises")
+    payload_bytes = models.PositiveIntegerField(default=0, help_text="padding added to each event")
+
+    async def process(self) -> Any:
+        pad = {"padding": "x" * self.payload_bytes} if self.payload_bytes else {}
+        await self.send_event("start", {"total_steps": self.steps, **pad})
+        for step in range(1, self.steps + 1):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.fail_at is not None and step == self.fail_at:
+                raise RuntimeError(f"ProgressTask failed at step {step} as asked (fail_at={step})")
+            await self.send_event("progress", {"step": step, "total_steps": self.steps, **pad})
+        return {"steps": self.steps}
+
+
+class ContinueTask(StreamTask):
+    """The predecessor's test model: waits until someone else sets ``continue_field``."""
+
+    continue_field = models.BooleanField(default=False)
+
+    #: How often the database is checked for the flag, in seconds.
+    poll_interval = 0.1
+
+    async def process(self) -> Any:
+        await self.send_event("started", {"message": "Waiting for continue_field", "continue": False})
+        flagged = type(self).objects.filter(pk=self.pk, continue_field=True)
+        # Another process sets the flag in the database, which cannot notify us: poll.
+        while not await flagged.aexists():  # noqa: ASYNC110
+            await asyncio.sleep(self.poll_interval)
+        await self.send_event("final", {"message": "continue_field is set", "continue": True})
+        await self.send_event("complete", {"message": "Task completed successfully"})
+        return {"continued": True}

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import redis
+from django.core.management.base import BaseCommand, CommandParser
+from django.db.models import Q
+from django.utils import timezone
+
+from django_app import conf
+from django_app.coordinator import task_models
+from streamcoord.keys import KeySpace
+
+
+class Command(BaseCommand):
+    help = "Delete ended tasks older than --hours (rows of every StreamTask model, and their Redis keys)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--hours", type=float, default=24, help="age after which ended tasks go (default 24)")
+        parser.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+
+    def handle(self, *args: Any, hours: float, dry_run: bool, **options: Any) -> None:
+        settings = conf.get_settings()
+        keys = KeySpace(settings.key_prefix)
+        client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+        cutoff = timezone.now() - timedelta(hours=hours)
+        ended = Q(status__in=["completed", "failed", "cancelled"]) | Q(completed_at__isnull=False)
+        total = 0
+        for model in task_models():
+            old = model.objects.filter(ended, updated_at__lt=cutoff)
+            refs = [task.stream_ref for task in old.only("pk", "updated_at")]
+            total += len(refs)
+            verb = "would delete" if dry_run else "deleting"
+            self.stdout.write(f"{model._meta.label}: {verb} {len(refs)} tasks")
+            if dry_run or not refs:
+                continue
+            if client is not None:
+                for start in range(0, len(refs), 500):
+                    chunk = refs[start:start + 500]
+                    pipe = client.pipeline(transaction=False)
+                    for ref in chunk:
+                        pipe.delete(keys.events(ref), keys.state(ref))
+                    pipe.execute()
+            old.delete()
+        if client is None and not dry_run:
+            self.stdout.write("no Redis configured: only rows were deleted")
+        self.stdout.write(f"{'would delete' if dry_run else 'deleted'} {total} tasks in all")

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from django_app import conf
+from django_app.coordinator import coordinator
+from streamcoord.cli import DEFAULT_SOCKET, bind_target
+from streamcoord.embedded import EmbeddedRedis
+from streamcoord.server import serve
+from streamcoord.settings import Settings
+from worker.runner import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = (
+        "Serve task streams over SSE. With STREAMCOORD_REDIS_URL set: a stateless gateway. With "
+        "nothing configured: the embedded default (an in-process Redis stand-in, a worker and the "
+        "demo pages, in this one process)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--socket", default=None, help=f"unix socket path (default {DEFAULT_SOCKET})")
+        parser.add_argument("--host", default=None, help="TCP host (with --port)")
+        parser.add_argument("--port", type=int, default=None, help="TCP port; 0 lets the kernel pick")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        target = bind_target(argparse.Namespace(**options), DEFAULT_SOCKET)
+        settings = conf.get_settings()
+        embedded = None
+        if not settings.redis_url:
+            embedded = EmbeddedRedis(settings.embedded_url_file)
+            conf.use_redis_url(embedded.url)
+            settings = conf.get_settings()
+        try:
+            asyncio.run(self._serve(settings, target, embedded is not None))
+        finally:
+            if embedded is not None:
+                embedded.close()
+
+    async def _serve(self, settings: Settings, target: dict[str, Any], embedded: bool) -> None:
+        await coordinator.register_models()
+        if not embedded:
+            await serve(settings, **target)
+            return
+        from django_app.demo import demo_routes
+
+        worker = Worker(settings, concurrency=20)
+        worker_run = asyncio.create_task(worker.run(), name="embedded-worker")
+        log.info("embedded default: Redis stand-in at %s, with an in-process worker", settings.redis_url)
+        try:
+            await serve(
+                settings, **target, extra_routes=demo_routes,
+                announce="streamcoord (embedded default) listening on {url}: open {url}/ for the demo",
+            )
+        finally:
+            worker.stop()
+            worker.stop()  # the gateway is gone: do not wait for running tasks
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker_run

@@ -1,0 +1,80 @@
+"""``StreamTask``: subclass it, write ``async process()``, and send events from it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+
+from streamcoord.eventlog import TaskWriter
+from streamcoord.ids import EventId
+from streamcoord.keys import TaskRef
+
+
+class Status(models.TextChoices):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StreamTask(models.Model):
+    """A long-running task whose events stream to clients through Redis.
+
+    A worker process loads the row, awaits :meth:`process`, and records the outcome. Each
+    :meth:`send_event` becomes one event of the task's Redis Stream, numbered without gaps.
+    """
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    final_value = models.JSONField(null=True, blank=True)
+    #: Where the task is in its life; ``failed`` and ``cancelled`` are never mistaken for pending.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    #: Why a failed run failed (``ExceptionType: message``); the traceback is in the worker's log.
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        abstract = True
+
+    _stream_writer: TaskWriter | None = None
+
+    async def process(self) -> Any:
+        """Do the work, sending events as it goes. The return value becomes ``final_value``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement async process()")
+
+    async def send_event(self, event_type: str, data: dict[str, Any]) -> EventId:
+        """Send one event to every client of this task (now and later), and return its id.
+        ``complete``, ``error`` and ``cancelled`` end the run."""
+        if self._stream_writer is None:
+            from .coordinator import coordinator  # the coordinator imports this module
+
+            self._stream_writer = await coordinator.writer_for(self)
+        return await self._stream_writer.append(event_type, data)
+
+    async def mark_completed(self, final_value: Any = None) -> None:
+        """Record success on the row (only these fields, so concurrent edits survive)."""
+        now = timezone.now()
+        await type(self).objects.filter(pk=self.pk).aupdate(
+            completed_at=now, final_value=final_value, status=Status.COMPLETED, updated_at=now
+        )
+        self.completed_at, self.final_value, self.status = now, final_value, Status.COMPLETED
+
+    async def mark_failed(self, error: str, status: str = Status.FAILED) -> None:
+        """Record a failed (or cancelled) run on the row."""
+        now = timezone.now()
+        await type(self).objects.filter(pk=self.pk).aupdate(status=status, error=error, updated_at=now)
+        self.status, self.error = status, error
+
+    @property
+    def stream_ref(self) -> TaskRef:
+        return TaskRef(self._meta.app_label, self._meta.object_name or type(self).__name__, str(self.pk))
+
+    @property
+    def stream_path(self) -> str:
+        """The gateway URL path of this task's events."""
+        ref = self.stream_ref
+        return f"/stream/{ref.app_label}/{ref.model}/{ref.pk}"

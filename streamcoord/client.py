@@ -1,0 +1,220 @@
+"""A Python client for a gateway's task streams: yields a task's events, resuming by itself.
+
+::
+
+    async for event in stream_task("http://gateway:8001", "Report", 42):
+        print(event.event, event.seq, event.data)
+
+    for event in iter_task_events("http://gateway", "Report", 42, uds="/run/sc/gw.sock"):
+        ...  # the same, for scripts and the shell
+
+The client remembers the last event id; after a dropped connection (a transport error, the
+response ending before a terminal event, a gateway shutting down, a 408/429/502/503/504 answer)
+it waits and reconnects with ``Last-Event-ID``, so no event is lost or yielded twice. It stops
+after a terminal event (``complete``, ``error``, ``cancelled``) or a ``204`` answer, and raises
+:class:`StreamClientError` on any other error answer. ``reset`` events are yielded too: they
+say the history was replaced, and the events after one are the task's stream from its start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Generator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from .codec import TERMINAL_STATES
+from .errors import StreamcoordError
+
+#: Used when neither the caller nor the server names a reconnect delay (seconds).
+DEFAULT_RECONNECT_DELAY = 2.0
+#: Longest wait between attempts while reconnects keep failing.
+MAX_BACKOFF = 30.0
+#: Answers worth retrying: the gateway (or a proxy in front of it) is busy or restarting.
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+#: Read timeout well above the gateway's heartbeat interval (15 s by default).
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+
+
+class StreamClientError(StreamcoordError):
+    """A stream that cannot be read: an error answer (``status`` and the server's plain-text
+    ``message``), or reconnects exhausted (``status`` of the last answer, or None)."""
+
+    def __init__(self, message: str, *, status: int | None = None, url: str = "") -> None:
+        self.status = status
+        self.message = message
+        self.url = url
+        where = f" from {url}" if url else ""
+        super().__init__(f"{status}{where}: {message}" if status is not None else message)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of a task's stream; ``id`` is None for events without one (``reset``)."""
+
+    id: str | None
+    event: str
+    data: dict[str, Any]
+
+    @property
+    def seq(self) -> int | None:
+        """The event's sequence number in its stream (1, 2, 3, ...), None without an id."""
+        _, sep, seq = (self.id or "").rpartition("-")
+        return int(seq) if sep and seq.isdigit() else None
+
+    @property
+    def terminal(self) -> bool:
+        """True for ``complete``, ``error`` and ``cancelled``: the task's last event."""
+        return self.event in TERMINAL_STATES
+
+
+def task_path(model: str, task_id: str | int, app_label: str | None = None) -> str:
+    """``/stream/{Model}/{id}`` or ``/stream/{app}/{Model}/{id}``, each part URL-quoted."""
+    parts = [app_label] if app_label else []
+    return "/stream/" + "/".join(quote(str(p), safe="") for p in [*parts, model, task_id])
+
+
+def _event(sse: ServerSentEvent, event_id: str | None, url: str) -> StreamEvent:
+    try:
+        data = json.loads(sse.data)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise StreamClientError(
+            f"event {sse.event!r} carries no JSON object: {sse.data[:200]!r}", url=url
+        )
+    return StreamEvent(event_id, sse.event, data)
+
+
+async def stream_task(
+    base_url: str,
+    model: str,
+    task_id: str | int,
+    *,
+    app_label: str | None = None,
+    last_event_id: str | None = None,
+    uds: str | None = None,
+    reconnect_delay: float | None = None,
+    max_reconnects: int | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> AsyncGenerator[StreamEvent, None]:
+    """Yield a task's events from ``base_url`` (e.g. ``http://gateway:8001``) to its end.
+
+    ``last_event_id`` resumes after that event. ``uds`` connects to a gateway's unix socket
+    (``base_url`` then only names the host, e.g. ``http://gateway``); ``client`` is an httpx
+    client to use instead of one of our own (its transport and timeouts apply; not with ``uds``).
+    Between attempts the client waits ``reconnect_delay`` seconds if given, else the server's
+    ``retry:``, doubling the wait (up to 30 s) while attempts fail without an event.
+    ``max_reconnects`` bounds consecutive attempts that bring no event (None: retry forever);
+    past it :class:`StreamClientError` is raised. Other error answers raise it at once.
+    """
+    if client is not None and uds is not None:
+        raise ValueError("pass either uds or client, not both")
+    url = base_url.rstrip("/") + task_path(model, task_id, app_label)
+    http = client or httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None, timeout=DEFAULT_TIMEOUT
+    )
+    position = last_event_id
+    server_delay: float | None = None
+    failures = 0
+    try:
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if position:
+                headers["Last-Event-ID"] = position
+            status: int | None = None
+            try:
+                async with aconnect_sse(http, "GET", url, headers=headers) as source:
+                    response = source.response
+                    status = response.status_code
+                    content_type = response.headers.get("content-type", "")
+                    if status == 204:
+                        return  # we already have the terminal event
+                    if status == 200 and not content_type.startswith("text/event-stream"):
+                        raise StreamClientError(
+                            f"expected text/event-stream, got {content_type!r}",
+                            status=status,
+                            url=url,
+                        )
+                    if status != 200:
+                        message = (await response.aread()).decode(errors="replace").strip()
+                        if status not in RETRY_STATUSES:
+                            raise StreamClientError(
+                                message[:500] or response.reason_phrase, status=status, url=url
+                            )
+                        problem = f"{status} {message[:200]}"
+                    else:
+                        seen_id = ""  # httpx-sse repeats the last id for events without one
+                        async for sse in source.aiter_sse():
+                            if sse.retry is not None:
+                                server_delay = sse.retry / 1000
+                            if not sse.data:
+                                continue  # the opening comment and retry: no event to dispatch
+                            event_id = sse.id if sse.id and sse.id != seen_id else None
+                            seen_id = sse.id
+                            event = _event(sse, event_id, url)
+                            failures = 0
+                            if event.id is not None:
+                                position = event.id
+                            elif event.event == "reset":
+                                position = None  # what follows is the stream from its start
+                            yield event
+                            if event.terminal:
+                                return
+                        problem = "the stream ended before a terminal event"
+            except httpx.TransportError as exc:
+                problem, status = f"{type(exc).__name__}: {exc}", None
+            failures += 1
+            if max_reconnects is not None and failures > max_reconnects:
+                raise StreamClientError(
+                    f"gave up after {max_reconnects} reconnects: {problem}", status=status, url=url
+                )
+            base = reconnect_delay if reconnect_delay is not None else server_delay
+            base = DEFAULT_RECONNECT_DELAY if base is None else base
+            await asyncio.sleep(max(base, min(base * 2 ** (failures - 1), MAX_BACKOFF)))
+    finally:
+        if client is None:
+            await http.aclose()
+
+
+def iter_task_events(
+    base_url: str,
+    model: str,
+    task_id: str | int,
+    *,
+    app_label: str | None = None,
+    last_event_id: str | None = None,
+    uds: str | None = None,
+    reconnect_delay: float | None = None,
+    max_reconnects: int | None = None,
+) -> Generator[StreamEvent, None, None]:
+    """:func:`stream_task` for synchronous code: runs it in an event loop of its own.
+
+    Call it from a thread without a running event loop (a script, the shell, a worker thread);
+    async code uses :func:`stream_task` directly.
+    """
+    events = stream_task(
+        base_url,
+        model,
+        task_id,
+        app_label=app_label,
+        last_event_id=last_event_id,
+        uds=uds,
+        reconnect_delay=reconnect_delay,
+        max_reconnects=max_reconnects,
+    )
+
+    async def following() -> StreamEvent | None:
+        return await anext(events, None)
+
+    with asyncio.Runner() as runner:
+        try:
+            while (event := runner.run(following())) is not None:
+                yield event
+        finally:
+            runner.run(events.aclose())
