@@ -13,7 +13,7 @@ from streamcoord.keys import KeySpace
 from streamcoord.registry import register_models
 from streamcoord.settings import Settings
 
-from .support import Gateway, RawSSE, RedisServer, start_gateway
+from .support import Gateway, Project, RawSSE, RedisServer, start_gateway
 
 MODELS = [("shop", "Job"), ("shop", "Report"), ("other", "Report")]
 
@@ -87,3 +87,23 @@ async def sse() -> AsyncIterator[object]:
     for client in opened:
         with contextlib.suppress(OSError):
             await client.writer.wait_closed()
+
+
+@pytest.fixture
+def project(tmp_path: Path, redis_server: RedisServer) -> Iterator[Project]:
+    """The example Django project, migrated into a fresh SQLite file, on the session's Redis.
+    Processes started with ``project.start``/``gateway``/``worker`` are stopped afterwards."""
+    setup = Project(tmp_path, redis_server.url)
+    setup.manage("migrate", "--noinput", "-v", "0")
+    started: list[Gateway] = []
+    original_start = setup.start
+
+    def start(name: str, *args: str, ready: str, **settings: object) -> Gateway:
+        handle = original_start(name, *args, ready=ready, **settings)
+        started.append(handle)
+        return handle
+
+    setup.start = start  # type: ignore[method-assign]
+    yield setup
+    for handle in started:
+        handle.stop()

@@ -251,3 +251,69 @@ def gateway_process(directory: Path, redis_url: str, name: str = "gw", **setting
         yield gateway
     finally:
         gateway.stop()
+
+
+# -- Django-side processes: manage.py commands against a database file of the test's own -----
+
+
+@dataclass
+class Project:
+    """The example Django project, set up for one test: its own SQLite file and embedded-URL
+    file in the test's temporary directory, and (optionally) a real Redis."""
+
+    directory: Path
+    redis_url: str = ""
+
+    @property
+    def db(self) -> Path:
+        return self.directory / "db.sqlite3"
+
+    def env(self, **settings: Any) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMCOORD_", "DJANGO_"))}
+        env["DJANGO_SETTINGS_MODULE"] = "django_app.project.settings"
+        env["DJANGO_DB_PATH"] = str(self.db)
+        env["STREAMCOORD_EMBEDDED_URL_FILE"] = str(self.directory / "embedded.url")
+        if self.redis_url:
+            env["STREAMCOORD_REDIS_URL"] = self.redis_url
+        env.update({f"STREAMCOORD_{k.upper()}": str(v) for k, v in settings.items()})
+        return env
+
+    def manage(self, *args: str, input: str | None = None, timeout: float = 60, **settings: Any) -> str:
+        """Run ``manage.py <args>`` to completion; its stdout (raises with the output on failure)."""
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=REPO, env=self.env(**settings), input=input,
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def create_task(self, model: str, *fields: str, start: bool = False) -> dict[str, Any]:
+        args = ["create_task", model, *(f"--set={f}" for f in fields)] + (["--start"] if start else [])
+        return json.loads(self.manage(*args).strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def start(self, name: str, *args: str, ready: str, **settings: Any) -> Gateway:
+        """Start ``manage.py <args>`` in the background; wait for ``ready`` in its output."""
+        log = self.directory / f"{name}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "manage.py", *args], cwd=REPO, env=self.env(**settings),
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        handle = Gateway(self.directory / f"{name}.sock", process, log)
+
+        def started() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"manage.py {' '.join(args)} exited with {process.returncode}:\n{handle.log_text()}")
+            return ready in handle.log_text()
+
+        wait_for(started, 30, f"manage.py {' '.join(args)} to be ready")
+        return handle
+
+    def gateway(self, name: str = "gw", **settings: Any) -> Gateway:
+        """``runserver_stream --socket`` (a stateless gateway when redis_url is set)."""
+        return self.start(name, "runserver_stream", "--socket", str(self.directory / f"{name}.sock"),
+                          ready="listening on", **settings)
+
+    def worker(self, name: str = "worker", concurrency: int = 20, **settings: Any) -> Gateway:
+        return self.start(name, "runworker", "--concurrency", str(concurrency), ready="started", **settings)
