@@ -2,7 +2,8 @@
 
 Routes::
 
-    GET /stream/{Model}/{id}              a task's events (history, then live)
+    GET /stream/{Model}/{id}              a task's events (history, then live); starts a
+                                          pending task (lazy start)
     GET /stream/{app_label}/{Model}/{id}  the same, naming the app
     GET /health                           200 "OK" while the process serves
     GET /ready                            200 "READY" when Redis answers, else 503
@@ -30,6 +31,7 @@ from .eventlog import EventLog
 from .feed import Feed
 from .hub import Hub
 from .ids import EventId, parse_event_id
+from .jobs import JobQueue
 from .keys import TaskRef
 from .registry import ModelRegistry
 from .settings import Settings
@@ -84,6 +86,7 @@ class Gateway:
         self.hub = hub
         self.settings = settings
         self.registry = ModelRegistry(log.redis, log.keys)
+        self.jobs = JobQueue(log.redis, log.keys)
         self.extra_routes = extra_routes
         self.started = time.time()
         self._open_chunk = sse.OPEN_COMMENT[:-1] + sse.encode_retry(settings.retry_ms)
@@ -156,6 +159,10 @@ class Gateway:
             feed = await Feed.open(self.log, self.hub, ref, last_id=resume, latest=replay == "latest")
         except UnknownTask:
             return text(404, f"unknown task {ref}")
+        if feed.state is not None and feed.state.state == "pending" and self.settings.lazy_start:
+            # The predecessor's lazy start: the first client of a created task starts it. The
+            # start is one atomic step, so clients racing through any gateways start it once.
+            await self.jobs.start(ref, lazy=True)
         wants_sse = "text/event-stream" in request.headers.get("accept", "")
         if feed.state is not None and feed.state.ended and not wants_sse:
             return 200, {"content-type": "application/json"}, json.dumps(self._summary(feed))
