@@ -1,5 +1,5 @@
-"""The worker process: ``python manage.py runworker`` or ``python -m worker``."""
+"""The worker process: ``python manage.py runworker`` or ``python -m worker``.
 
-from .runner import Worker
-
-__all__ = ["Worker"]
+Nothing is imported here: ``python -m worker`` must set Django up before the runner (which
+imports models) loads.
+"""
