@@ -40,6 +40,14 @@ class StreamTask(models.Model):
     class Meta:
         abstract = True
 
+    #: Runs a task may get: when its worker is lost (killed, out of memory, host gone) and
+    #: attempts remain, another worker runs it again, and its stream goes on with an
+    #: ``attempt`` event; otherwise the run ends with ``error`` (``WorkerLost``).
+    max_attempts: int = 1
+    #: Seconds one run may take; past it the run is cancelled and ends with ``error``
+    #: (``TimeoutError``). None: no limit.
+    time_limit: float | None = None
+
     _stream_writer: TaskWriter | None = None
 
     async def process(self) -> Any:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import secrets
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .codec import TERMINAL_STATES, DataEncoder, Event, decode_entry
 from .errors import StreamLost, TaskEnded, WriterFenced
@@ -24,6 +27,7 @@ from .publisher import Publisher
 from .settings import Settings
 
 ENDED_STATES = frozenset(TERMINAL_STATES.values())
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,8 +76,8 @@ class EventLog:
         self.keys = KeySpace(settings.key_prefix)
         self.publisher = Publisher(redis)
 
-    def writer(self, ref: TaskRef) -> TaskWriter:
-        return TaskWriter(self, ref)
+    def writer(self, ref: TaskRef, run: str = "") -> TaskWriter:
+        return TaskWriter(self, ref, run)
 
     async def declare(self, ref: TaskRef, state: str = "pending") -> bool:
         """Create the task's state record if it has none, so gateways know the task before its
@@ -106,13 +110,19 @@ class TaskWriter:
 
     Sequence numbers are handed out when an append is submitted, so a task may fire several
     sends at once. Each writer has a token, so the script tells a retry of this writer's own
-    append (written once) from another writer's append of the same number (fenced off). When an append fails the writer re-reads the stream before the next one,
-    so it never skips or repeats a number.
+    append (written once) from another writer's append of the same number (fenced off). While
+    Redis is unreachable an append is retried with the same number for
+    ``Settings.send_retry_seconds``; an append that finally fails or is cancelled makes the
+    writer re-read the stream before the next one, so it never skips or repeats a number.
+
+    A worker passes its ``run`` token: once another worker has taken the task over (this one's
+    lease expired), every append of this writer is refused with :class:`WriterFenced`.
     """
 
-    def __init__(self, log: EventLog, ref: TaskRef) -> None:
+    def __init__(self, log: EventLog, ref: TaskRef, run: str = "") -> None:
         self.log = log
         self.ref = ref
+        self.run = run
         self.encoder = DataEncoder(ref, log.settings.max_payload_bytes)
         self._keys = (log.keys.events(ref), log.keys.state(ref))
         self._epoch = ""
@@ -154,7 +164,7 @@ class TaskWriter:
         for _ in range(2):
             seq = self._next_seq
             self._next_seq += 1
-            reply = await self._submit(seq, event_type, data, terminal, final)
+            reply = await self._submit_until_answered(seq, event_type, data, terminal, final)
             status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             if status in ("ok", "dup"):
                 if terminal:
@@ -172,9 +182,29 @@ class TaskWriter:
         if status == "lost":
             raise StreamLost(f"task {self.ref}: the stream vanished; {event_type!r} was not appended")
         raise WriterFenced(
-            f"task {self.ref}: another writer owns the stream (epoch {reply[1]!r}, last event "
-            f"{reply[2]}); {event_type!r} was not appended"
+            f"task {self.ref}: another writer or run owns the stream (epoch {reply[1]!r}, last "
+            f"event {reply[2]}); {event_type!r} was not appended"
         )
+
+    async def _submit_until_answered(self, seq: int, event_type: str, data: bytes, terminal: str, final: str) -> list[Any]:
+        """Submit one append, re-sending it (same number: never written twice) while Redis is
+        unreachable, for up to ``send_retry_seconds``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.log.settings.send_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return await self._submit(seq, event_type, data, terminal, final)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if loop.time() + delay > deadline:
+                    self._resync = True
+                    raise
+                log.warning("append to %s failed (%s); retrying in %.2fs", self.ref, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except BaseException:
+                self._resync = True  # cancelled or refused: the outcome is unknown
+                raise
 
     async def _submit(self, seq: int, event_type: str, data: bytes, terminal: str, final: str) -> list[Any]:
         settings = self.log.settings
@@ -182,15 +212,10 @@ class TaskWriter:
         future = self.log.publisher.submit(
             self._keys,
             (self._epoch, seq, event_type, data, settings.max_stream_length, terminal,
-             settings.stream_ttl_seconds, settings.state_ttl_seconds, now, final, self.token),
+             settings.stream_ttl_seconds, settings.state_ttl_seconds, now, final, self.token,
+             self.run),
         )
         self._inflight.add(future)
-        future.add_done_callback(self._settle)
-        # Shielded: a cancelled caller must not cancel the shared batch; the outcome is read
-        # by _settle and the next append resyncs if it is unknown.
+        future.add_done_callback(self._inflight.discard)
+        # Shielded: a cancelled caller must not cancel the shared batch of other writers.
         return await asyncio.shield(future)
-
-    def _settle(self, future: asyncio.Future[list[Any]]) -> None:
-        self._inflight.discard(future)
-        if future.cancelled() or future.exception() is not None:
-            self._resync = True

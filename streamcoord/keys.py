@@ -11,6 +11,7 @@ land in one Redis Cluster slot and the append script may touch both::
     <prefix>:workers                       HASH    worker id -> JSON (host, pid, heartbeat, ...)
     <prefix>:worker:<id>:running           SET     labels of the tasks a worker runs now
     <prefix>:worker:<id>:control           STREAM  requests to one worker (cancel a task)
+    <prefix>:dead                          STREAM  tasks that used up their attempts
 """
 
 from __future__ import annotations
@@ -106,3 +107,6 @@ class KeySpace:
 
     def worker_control(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}:control"
+
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead"

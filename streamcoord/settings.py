@@ -52,6 +52,12 @@ class Settings:
     redis_socket_timeout: float = 5.0
     #: Seconds open streams get to end cleanly when a gateway shuts down.
     shutdown_grace_seconds: float = 5.0
+    #: Seconds ``send_event`` keeps retrying while Redis is unreachable before it raises
+    #: (a retry never writes an event twice).
+    send_retry_seconds: float = 30.0
+    #: Seconds a worker's lease on a running task lasts without renewal; past it, another
+    #: worker takes the task over (re-runs it or fails it, per the task's ``max_attempts``).
+    lease_seconds: float = 30.0
     #: Connecting to the stream of a task that was created but never started starts it.
     lazy_start: bool = True
     #: Tasks one worker process runs at once (``runworker --concurrency`` overrides it).
