@@ -1,8 +1,11 @@
-"""Example tasks: the predecessor's ``ExampleTask`` and ``ContinueTask``, and ``ProgressTask``."""
+"""Example tasks: the predecessor's ``ExampleTask`` and ``ContinueTask``, ``ProgressTask``, and
+proxies of it that exercise the failure paths (re-runs, poison tasks, time limits)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 from django.db import models
@@ -44,6 +47,45 @@ class ProgressTask(StreamTask):
                 raise RuntimeError(f"ProgressTask failed at step {step} as asked (fail_at={step})")
             await self.send_event("progress", {"step": step, "total_steps": self.steps, **pad})
         return {"steps": self.steps}
+
+
+class RetryingProgressTask(ProgressTask):
+    """A ``ProgressTask`` that gets three runs: when its worker is lost, another re-runs it."""
+
+    max_attempts = 3
+
+    class Meta:
+        proxy = True
+
+
+class PoisonTask(ProgressTask):
+    """A task that kills its own worker (SIGKILL) after ``start``, on every one of its three
+    runs: after the third it must end with one ``error`` and land in the dead letters."""
+
+    max_attempts = 3
+
+    class Meta:
+        proxy = True
+
+    async def process(self) -> Any:
+        await self.send_event("start", {"message": "killing my worker", "pid": os.getpid()})
+        os.kill(os.getpid(), signal.SIGKILL)
+        await asyncio.sleep(3600)  # not reached: SIGKILL ends the process
+        return None
+
+
+class SlowTask(ProgressTask):
+    """A task that outlives its one-second time limit (it would sleep for 30 s)."""
+
+    time_limit = 1
+
+    class Meta:
+        proxy = True
+
+    async def process(self) -> Any:
+        await self.send_event("start", {"message": "sleeping for 30 s", "time_limit": self.time_limit})
+        await asyncio.sleep(30)
+        return {"slept": 30}
 
 
 class ContinueTask(StreamTask):
