@@ -43,6 +43,11 @@ redis.call('XADD', events, 'MAXLEN', ARGV[5], seq .. '-0',
            'epoch', epoch, 'type', ARGV[3], 'data', ARGV[4])
 local fields = {'epoch', epoch, 'last_seq', seq, 'last_type', ARGV[3], 'updated_at', ARGV[9],
                 'writer', ARGV[11]}
+if ARGV[12] ~= '' then
+  -- The fence above let this run through: it is the task's run (this also rebuilds the run
+  -- of a record Redis lost, so the worker's lease renewal still finds it ours).
+  table.insert(fields, 'run'); table.insert(fields, ARGV[12])
+end
 if seq == 1 then
   table.insert(fields, 'started_at'); table.insert(fields, ARGV[9])
 end

@@ -20,17 +20,17 @@ class RedisFactory:
             )
         self.settings = settings
 
-    def client(self, role: str, max_connections: int = 4) -> Redis:
-        """A client with its own pool of at most ``max_connections`` (callers wait for a free one
-        instead of opening more)."""
+    def client(self, role: str, max_connections: int = 4, wait_seconds: float | None = None) -> Redis:
+        """A client with its own pool of at most ``max_connections``: callers wait for a free
+        one (up to ``wait_seconds``, default the socket timeout) instead of opening more."""
         settings = self.settings
         pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=max_connections,
-            timeout=settings.redis_socket_timeout,
+            timeout=wait_seconds or settings.redis_socket_timeout,
             socket_timeout=settings.redis_socket_timeout,
             socket_connect_timeout=settings.redis_socket_timeout,
             health_check_interval=30,
             client_name=f"streamcoord:{role}:{os.getpid()}",
         )
-        return Redis(connection_pool=pool)
+        return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections

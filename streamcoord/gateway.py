@@ -240,8 +240,9 @@ def abort_connection(request: HttpRequest) -> None:
 
 
 async def _wait_disconnect(request: HttpRequest) -> None:
-    try:
-        while True:
-            await request.sleep_while_connected(3600)
-    except asgineer.DisconnectedError:
-        return
+    """Return when the client disconnects. Reads the ASGI receive channel directly: asgineer's
+    ``sleep_while_connected`` leaves its inner tasks running when cancelled (one hour-long
+    sleep per finished stream)."""
+    receive = request._receive
+    while (await receive())["type"] != "http.disconnect":
+        pass

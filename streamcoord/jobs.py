@@ -61,8 +61,9 @@ if s[1] == ARGV[1] then
   if s[2] == 'running' then redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2])) end
   return 1
 end
-if s[1] == false and s[2] == false then
-  -- Redis lost the record (restart without persistence): the run goes on, and says so.
+if s[1] == false and (s[2] == false or s[2] == 'running') then
+  -- Redis lost the record (restart without persistence), or an append rebuilt it first:
+  -- the run goes on, and says so.
   redis.call('HSET', KEYS[1], 'state', 'running', 'run', ARGV[1], 'worker', ARGV[3],
              'lease_until', now + tonumber(ARGV[2]))
   return 1

@@ -104,8 +104,9 @@ async def gateway_parts(
 ) -> AsyncIterator[Gateway]:
     """A started gateway (hub running) and its Redis clients, closed on exit."""
     factory = factory or RedisFactory(settings)
-    # The hub's blocking read holds one connection; history reads and the rest share two more.
-    redis = factory.client("gateway", max_connections=2)
+    # The hub's blocking read holds one connection; history reads and the rest share three
+    # more, waiting for a free one under load rather than opening more (or failing).
+    redis = factory.client("gateway", max_connections=3, wait_seconds=30)
     reader = factory.client("gateway-reader", max_connections=1)
     hub = Hub(reader, redis, settings)
     await hub.start()

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from django_app import conf
 from django_app.coordinator import task_models
-from streamcoord.keys import KeySpace
+from streamcoord.keys import KeySpace, TaskRef
 
 
 class Command(BaseCommand):
@@ -27,12 +27,19 @@ class Command(BaseCommand):
         cutoff = timezone.now() - timedelta(hours=hours)
         ended = Q(status__in=["completed", "failed", "cancelled"]) | Q(completed_at__isnull=False)
         total = 0
+        # Proxy models share their concrete model's rows, but their tasks' keys carry the proxy's
+        # name: delete rows once per table, and keys under every name that table's rows go by.
+        names: dict[type, list[tuple[str, str]]] = {}
         for model in task_models():
+            concrete = model._meta.concrete_model
+            names.setdefault(concrete, []).append((model._meta.app_label, model._meta.object_name))
+        for model, labels in names.items():
             old = model.objects.filter(ended, updated_at__lt=cutoff)
-            refs = [task.stream_ref for task in old.only("pk", "updated_at")]
-            total += len(refs)
+            pks = [str(pk) for pk in old.values_list("pk", flat=True)]
+            refs = [TaskRef(app, name, pk) for pk in pks for app, name in labels]
+            total += len(pks)
             verb = "would delete" if dry_run else "deleting"
-            self.stdout.write(f"{model._meta.label}: {verb} {len(refs)} tasks")
+            self.stdout.write(f"{model._meta.label}: {verb} {len(pks)} tasks")
             if dry_run or not refs:
                 continue
             if client is not None:
