@@ -23,7 +23,7 @@ How
 
 Usage::
 
-    .venv/bin/python -m bench.fanout --clients 1000 --rate 100 --seconds 10
+    .venv/bin/python -m tests.bench.fanout --clients 1000 --rate 100 --seconds 10
 
 Prints a Markdown table (header and one row) and writes the full result as JSON to
 ``bench-results/fanout-<clients>-<rate>.json``.
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # the load client imports none of these
     from streamcoord.eventlog import TaskWriter
     from streamcoord.ids import EventId
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 APP, MODEL, PK = "bench", "Job", "1"
 STREAM_PATH = f"/stream/{APP}/{MODEL}/{PK}"
 #: Width of one latency histogram bucket, in seconds.
@@ -500,7 +500,7 @@ async def start_gateway(workdir: Path, redis_url: str, queue_size: int) -> Child
 async def start_load_client(workdir: Path, clients: int, max_seconds: float) -> Child:
     """A ``--client-mode`` child of this module; its JSON report comes on stdout."""
     argv = [
-        sys.executable, "-m", "bench.fanout", "--client-mode", "--socket", str(workdir / "gw.sock"),
+        sys.executable, "-m", "tests.bench.fanout", "--client-mode", "--socket", str(workdir / "gw.sock"),
         "--path", STREAM_PATH, "--clients", str(clients), "--max-seconds", f"{max_seconds:g}",
     ]
     child = await Child.spawn("load client", argv, report=True)
@@ -769,7 +769,7 @@ def write_result(config: Config, result: dict[str, Any]) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     summary = __doc__.split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=summary)
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.fanout", description=summary)
     parser.add_argument("--clients", type=int, default=1000, help="SSE clients on the one task")
     parser.add_argument("--rate", type=float, default=100, help="events published per second")
     parser.add_argument("--seconds", type=float, default=10, help="how long to publish")
