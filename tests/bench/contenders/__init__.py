@@ -36,7 +36,7 @@ class Contender(Protocol):
         """The URL path a client GETs for stream ``stream``."""
         ...
 
-    async def wait_for_clients(self, expected: int, timeout: float) -> None:
+    async def wait_for_clients(self, expected: int, within: float) -> None:
         """Return once the server holds ``expected`` stream connections (or, for a server that
         cannot tell, after a settle time)."""
         ...
