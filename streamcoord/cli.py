@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
+from . import runtime
 from .errors import ConfigurationError, StreamcoordError
 from .settings import Settings
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         from .server import serve
 
-        asyncio.run(serve(settings, **bind_target(args, DEFAULT_SOCKET)))  # type: ignore[arg-type]
+        runtime.run(serve(settings, **bind_target(args, DEFAULT_SOCKET)))  # type: ignore[arg-type]
     except StreamcoordError as exc:
         print(f"streamcoord: {exc}", file=sys.stderr)
         return 2

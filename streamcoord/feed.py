@@ -164,23 +164,34 @@ class Feed:
         return False
 
     async def _live(self) -> AsyncIterator[bytes]:
-        assert self.listener is not None
+        listener = self.listener
+        assert listener is not None
         while True:
-            frames = await self.listener.take()
-            if not frames:  # closed: overflow or shutdown
+            batches = await listener.take()
+            if not batches:  # closed: overflow or shutdown
                 return
             out: list[bytes] = []
-            done = await self._take_frames(frames, out)
+            done = False
+            for batch in batches:
+                if batch.heartbeat:
+                    out.append(batch.data)
+                elif batch.epoch == self._epoch and batch.first == self._last + 1:
+                    # In step with the stream (the usual case): the hub's bytes as they are.
+                    out.append(batch.data)
+                    self._last, done = batch.last, batch.terminal
+                else:
+                    done = await self._take_frames(batch.frames, out)
+                if done:
+                    break
             if out:  # a batch of duplicates only sends nothing
-                yield b"".join(out)
+                yield out[0] if len(out) == 1 else b"".join(out)
             if done:
                 return
 
-    async def _take_frames(self, frames: list[Frame], out: list[bytes]) -> bool:
+    async def _take_frames(self, frames: tuple[Frame, ...], out: list[bytes]) -> bool:
+        """Frame by frame, for a batch out of step: skip what was sent, read gaps from Redis,
+        reset on a new epoch."""
         for frame in frames:
-            if frame.seq == 0:
-                out.append(frame.data)
-                continue
             if self._epoch and frame.epoch != self._epoch:
                 # The stream was created anew under us: everything we sent is history of
                 # another epoch. Tell the client, then send the new stream from its start.

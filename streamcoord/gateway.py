@@ -53,7 +53,7 @@ FINISH_TIMEOUT = 1.0
 
 
 def text(status: int, body: str) -> Response:
-    return status, {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}, body + "\n"
+    return status, {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}, body
 
 
 def parse_stream_path(path: str) -> tuple[str | None, str, str] | None:
@@ -90,7 +90,7 @@ class Gateway:
         self.jobs = JobQueue(log.redis, log.keys)
         self.extra_routes = extra_routes
         self.started = time.time()
-        self._open_chunk = sse.OPEN_COMMENT[:-1] + sse.encode_retry(settings.retry_ms)
+        self._open_chunk = sse.OPEN_COMMENT + sse.encode_retry(settings.retry_ms)
 
     def asgi(self) -> Any:
         return asgineer.to_asgi(self.handle)

@@ -1,8 +1,8 @@
 """The gateway's fan-out hub: one Redis reader per process, however many clients.
 
 One task reads every stream that has listeners in this process with a single blocking XREAD
-(a concrete last id per key), encodes each event once, and appends the frame to each
-listener's bounded queue. A listener that lets its queue fill up is closed, and the task
+(a concrete last id per key), encodes what it read from each stream once, as one batch, and
+appends that batch to each listener's bounded queue: a client in step writes it as it is. A listener that lets its queue fill up is closed, and the task
 writing to it cancelled, so one slow client never holds up the others; it resumes from Redis
 with Last-Event-ID.
 
@@ -41,7 +41,7 @@ WAKE_TTL_SECONDS = 24 * 3600
 
 
 class Frame(NamedTuple):
-    """What a listener's queue holds: an encoded event, or a heartbeat (``seq`` 0)."""
+    """One encoded event."""
 
     seq: int
     epoch: bytes
@@ -49,39 +49,66 @@ class Frame(NamedTuple):
     data: bytes
 
 
-HEARTBEAT_FRAMES = [Frame(0, b"", False, sse.HEARTBEAT)]
+class Batch(NamedTuple):
+    """What one XREAD brought from one stream, encoded once and shared by every listener."""
+
+    frames: tuple[Frame, ...]
+    #: The frames' bytes, joined: what a listener in step with the stream writes.
+    data: bytes
+    #: The epoch of every frame, or b"" when they differ (then listeners go frame by frame).
+    epoch: bytes
+    first: int  # sequence of the first frame; 0 for a heartbeat
+    last: int
+    terminal: bool
+
+    @property
+    def heartbeat(self) -> bool:
+        return self.first == 0
+
+
+def make_batch(frames: list[Frame]) -> Batch:
+    epoch = frames[0].epoch if all(f.epoch == frames[0].epoch for f in frames) else b""
+    return Batch(
+        tuple(frames), b"".join(f.data for f in frames), epoch,
+        frames[0].seq, frames[-1].seq, any(f.terminal for f in frames),
+    )
+
+
+HEARTBEAT = Batch((), sse.HEARTBEAT, b"", 0, 0, False)
 
 
 class Listener:
-    """One client's bounded queue of frames from one stream.
+    """One client's bounded queue of batches from one stream.
 
     The bound is checked when a batch arrives: a client still holding ``limit`` frames it has
     not taken is not keeping up. A client that keeps up takes whole batches, so a burst larger
     than the bound (one XREAD returns up to READ_COUNT events) does not cut it.
     """
 
-    __slots__ = ("_ready", "closed", "frames", "key", "limit", "task")
+    __slots__ = ("_ready", "batches", "closed", "key", "limit", "pending", "task")
 
     def __init__(self, key: bytes, limit: int) -> None:
         self.key = key
         self.limit = limit
-        self.frames: collections.deque[Frame] = collections.deque()
+        self.batches: list[Batch] = []
+        self.pending = 0  # frames in ``batches`` (a heartbeat counts as one)
         self._ready = asyncio.Event()
         #: Why the listener was closed ("overflow", "shutdown"), or None while open.
         self.closed: str | None = None
         #: The task writing this listener's frames; cancelled when the listener overflows.
         self.task: asyncio.Task[Any] | None = None
 
-    def push(self, frames: list[Frame]) -> None:
-        """Queue a batch of frames, or close the listener if it is not keeping up."""
+    def push(self, batch: Batch) -> None:
+        """Queue a batch, or close the listener if it is not keeping up."""
         if self.closed:
             return
-        if len(self.frames) >= self.limit:
+        if self.pending >= self.limit:
             self.close("overflow")
             if self.task is not None:
                 self.task.cancel()
             return
-        self.frames.extend(frames)
+        self.batches.append(batch)
+        self.pending += len(batch.frames) or 1
         self._ready.set()
 
     def close(self, reason: str) -> None:
@@ -89,13 +116,12 @@ class Listener:
             self.closed = reason
             self._ready.set()
 
-    async def take(self) -> list[Frame]:
-        """Wait for frames and take all of them (empty once closed and drained)."""
-        while not self.frames and not self.closed:
+    async def take(self) -> list[Batch]:
+        """Wait for batches and take all of them (empty once closed and drained)."""
+        while not self.batches and not self.closed:
             self._ready.clear()
             await self._ready.wait()
-        taken = list(self.frames)
-        self.frames.clear()
+        taken, self.batches, self.pending = self.batches, [], 0
         return taken
 
 
@@ -251,8 +277,9 @@ class Hub:
             event = decode_entry(entry_id, fields)
             frames.append(Frame(event.seq, event.epoch, event.terminal, event.frame()))
         stream.cursor, stream.epoch = frames[-1].seq, frames[-1].epoch
+        batch = make_batch(frames)
         for listener in stream.listeners:
-            listener.push(frames)
+            listener.push(batch)
         self.stats["events"] += len(frames)
         self.stats["deliveries"] += len(frames) * len(stream.listeners)
 
@@ -279,4 +306,4 @@ class Hub:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             for stream in self._streams.values():
                 for listener in stream.listeners:
-                    listener.push(HEARTBEAT_FRAMES)
+                    listener.push(HEARTBEAT)

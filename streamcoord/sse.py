@@ -1,6 +1,11 @@
 """Server-Sent Events wire format (WHATWG HTML, "server-sent events"). Pure functions, bytes out.
 
 A frame is complete before it is written, so a heartbeat can never split an event.
+
+Comment and ``retry:`` lines go out without a blank line of their own: a blank line ends an
+event block, and some clients (httpx-sse 0.4) then report a block without data as an empty
+event once they have seen an id or a retry. Written between whole event frames, the lines join
+the next event's block, where every client ignores (comments) or applies (retry) them.
 """
 
 from __future__ import annotations
@@ -10,8 +15,8 @@ import re
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 #: Sent by the gateway as soon as a stream opens, so headers leave at once.
-OPEN_COMMENT = b": stream open\n\n"
-HEARTBEAT = b": heartbeat\n\n"
+OPEN_COMMENT = b": stream open\n"
+HEARTBEAT = b": heartbeat\n"
 
 
 def _field(name: bytes, value: bytes) -> bytes:
@@ -38,12 +43,12 @@ def encode_event(data: bytes, *, event: bytes | None = None, id: bytes | None = 
 
 
 def encode_comment(text: bytes) -> bytes:
-    """A comment frame (ignored by clients; keeps proxies from timing the connection out)."""
-    return b"".join(b": " + line + b"\n" for line in _LINE_BREAK.split(text)) + b"\n"
+    """Comment lines (ignored by clients; keep proxies from timing the connection out)."""
+    return b"".join(b": " + line + b"\n" for line in _LINE_BREAK.split(text))
 
 
 def encode_retry(milliseconds: int) -> bytes:
-    """The reconnect delay a client should use."""
+    """The reconnect delay a client should use (a ``retry:`` line)."""
     if milliseconds < 0:
         raise ValueError("retry must not be negative")
-    return b"retry: %d\n\n" % milliseconds
+    return b"retry: %d\n" % milliseconds

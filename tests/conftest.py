@@ -90,8 +90,9 @@ async def sse() -> AsyncIterator[object]:
 
 
 @pytest.fixture
-def project(tmp_path: Path, redis_server: RedisServer) -> Iterator[Project]:
-    """The example Django project, migrated into a fresh SQLite file, on the session's Redis.
+def project(tmp_path: Path, redis_server: RedisServer, redis: Redis) -> Iterator[Project]:
+    """The example Django project, migrated into a fresh SQLite file, on the session's Redis
+    (emptied first by ``redis``: every test's database numbers its tasks from 1 again).
     Processes started with ``project.start``/``gateway``/``worker`` are stopped afterwards."""
     setup = Project(tmp_path, redis_server.url)
     setup.manage("migrate", "--noinput", "-v", "0")

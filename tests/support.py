@@ -159,6 +159,7 @@ class RawSSE:
         self.comments: list[str] = []
         self.ended = False  # the chunked body's terminating chunk arrived
         self._buffer = b""
+        self._last_id: str | None = None
 
     @classmethod
     async def open(
@@ -203,25 +204,30 @@ class RawSSE:
         return True
 
     async def next_event(self) -> SSEEvent | None:
-        """The next event (comments are collected aside); None when the stream ended."""
+        """The next event, parsed line by line as the SSE spec does (comments are collected
+        aside); None when the stream ended."""
+        event_id, event_type, data = self._last_id, "message", []
         while True:
-            while b"\n\n" not in self._buffer:
+            while b"\n" not in self._buffer:
                 if not await self._fill():
                     return None
-            block, self._buffer = self._buffer.split(b"\n\n", 1)
-            event_id, event_type, data = None, "message", []
-            for line in block.decode().split("\n"):
-                name, _, value = line.partition(": ")
-                if line.startswith(":"):
-                    self.comments.append(line[1:].strip())
-                elif name == "id":
-                    event_id = value
-                elif name == "event":
-                    event_type = value
-                elif name == "data":
-                    data.append(value)
-            if data:
-                return SSEEvent(event_id, event_type, "\n".join(data))
+            raw, self._buffer = self._buffer.split(b"\n", 1)
+            line = raw.decode()
+            if line == "":
+                if data:
+                    self._last_id = event_id
+                    return SSEEvent(event_id, event_type, "\n".join(data))
+                event_id, event_type = self._last_id, "message"
+                continue
+            name, _, value = line.partition(": ")
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+            elif name == "id":
+                event_id = value
+            elif name == "event":
+                event_type = value
+            elif name == "data":
+                data.append(value)
 
     async def events_until_end(self) -> list[SSEEvent]:
         events = []
@@ -307,7 +313,11 @@ class Project:
                 raise RuntimeError(f"manage.py {' '.join(args)} exited with {process.returncode}:\n{handle.log_text()}")
             return ready in handle.log_text()
 
-        wait_for(started, 30, f"manage.py {' '.join(args)} to be ready")
+        try:
+            wait_for(started, 30, f"manage.py {' '.join(args)} to be ready")
+        except BaseException:
+            handle.stop()  # never leave a process behind that nobody will stop
+            raise
         return handle
 
     def gateway(self, name: str = "gw", **settings: Any) -> Gateway:

@@ -15,7 +15,7 @@ from streamcoord import sse
 from streamcoord.errors import UnknownTask
 from streamcoord.eventlog import EventLog
 from streamcoord.feed import Feed
-from streamcoord.hub import HEARTBEAT_FRAMES, Frame, Hub, Listener
+from streamcoord.hub import HEARTBEAT, Batch, Frame, Hub, Listener, make_batch
 from streamcoord.ids import EventId
 from streamcoord.keys import TaskRef
 from streamcoord.settings import Settings
@@ -151,42 +151,46 @@ async def open_client(log: EventLog, hub: Hub, clients: list[Client], **kwargs: 
 # -- 1. Listener -------------------------------------------------------------------------------
 
 
-def frames(*numbers: int) -> list[Frame]:
-    return [Frame(n, b"e1", False, b"data: %d\n\n" % n) for n in numbers]
+def batch(*numbers: int) -> Batch:
+    return make_batch([Frame(n, b"e1", False, b"data: %d\n\n" % n) for n in numbers])
 
 
-async def test_listener_take_returns_all_queued_frames_in_order() -> None:
+def seqs_of(batches: list[Batch]) -> list[int]:
+    return [f.seq for b in batches for f in b.frames]
+
+
+async def test_listener_take_returns_all_queued_batches_in_order() -> None:
     listener = Listener(b"k", limit=10)
-    listener.push(frames(1, 2))
-    listener.push(frames(3))
-    assert [f.seq for f in await asyncio.wait_for(listener.take(), TIMEOUT)] == [1, 2, 3]
-    listener.push(frames(4))
-    assert [f.seq for f in await asyncio.wait_for(listener.take(), TIMEOUT)] == [4]
+    listener.push(batch(1, 2))
+    listener.push(batch(3))
+    assert seqs_of(await asyncio.wait_for(listener.take(), TIMEOUT)) == [1, 2, 3]
+    listener.push(batch(4))
+    assert seqs_of(await asyncio.wait_for(listener.take(), TIMEOUT)) == [4]
 
 
 async def test_listener_overflow_closes_it_and_cancels_its_task() -> None:
     listener = Listener(b"k", limit=3)
     listener.task = asyncio.create_task(asyncio.sleep(60))
-    listener.push(frames(1, 2))
-    listener.push(frames(3))  # now holding exactly ``limit`` untaken frames
+    listener.push(batch(1, 2))
+    listener.push(batch(3))  # now holding exactly ``limit`` untaken frames
     assert listener.closed is None
-    listener.push(frames(4))
+    listener.push(batch(4))
     assert listener.closed == "overflow"
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(listener.task, TIMEOUT)
     assert listener.task.cancelled()
-    assert [f.seq for f in listener.frames] == [1, 2, 3]  # the overflowing batch is dropped
+    assert seqs_of(listener.batches) == [1, 2, 3]  # the overflowing batch is dropped
 
 
 async def test_listener_accepts_a_burst_larger_than_its_limit() -> None:
     listener = Listener(b"k", limit=3)
-    listener.push(frames(*range(1, 11)))  # empty queue: the bound is checked before appending
+    listener.push(batch(*range(1, 11)))  # empty queue: the bound is checked before appending
     assert listener.closed is None
-    assert [f.seq for f in await listener.take()] == list(range(1, 11))
-    listener.push(frames(11, 12))
-    listener.push(frames(*range(13, 20)))  # 2 untaken < limit: accepted
+    assert seqs_of(await listener.take()) == list(range(1, 11))
+    listener.push(batch(11, 12))
+    listener.push(batch(*range(13, 20)))  # 2 untaken < limit: accepted
     assert listener.closed is None
-    assert len(listener.frames) == 9
+    assert listener.pending == 9
 
 
 async def test_close_wakes_a_waiting_take() -> None:
@@ -197,8 +201,15 @@ async def test_close_wakes_a_waiting_take() -> None:
     listener.close("shutdown")
     assert await asyncio.wait_for(waiting, TIMEOUT) == []
     assert listener.closed == "shutdown"
-    listener.push(frames(1))  # ignored once closed
+    listener.push(batch(1))  # ignored once closed
     assert await listener.take() == []
+
+
+def test_a_batch_joins_its_frames_once_and_knows_its_range() -> None:
+    made = make_batch([Frame(4, b"e1", False, b"a"), Frame(5, b"e1", True, b"b")])
+    assert (made.data, made.first, made.last, made.epoch, made.terminal) == (b"ab", 4, 5, b"e1", True)
+    mixed = make_batch([Frame(9, b"e1", False, b"a"), Frame(1, b"e2", False, b"b")])
+    assert mixed.epoch == b""  # listeners take a batch spanning two epochs frame by frame
 
 
 # -- 2. Hub ------------------------------------------------------------------------------------
@@ -216,18 +227,19 @@ async def test_subscribe_returns_the_hub_cursor(hub: Hub) -> None:
     assert first.key == second.key == b"sc:k"
 
 
-async def test_dispatch_delivers_each_frame_once_encoded_once(hub: Hub) -> None:
+async def test_dispatch_delivers_each_batch_once_encoded_once(hub: Hub) -> None:
     a, _ = hub.subscribe("sc:k", 0)
     b, _ = hub.subscribe("sc:k", 0)
     other, _ = hub.subscribe("sc:other", 0)
     hub._dispatch(b"sc:k", [entry(1), entry(2, type_=b"complete", data=b'{"x":1}')])
     hub._dispatch(b"sc:k", [entry(3)])
     got_a, got_b = await a.take(), await b.take()
-    assert [f.seq for f in got_a] == [f.seq for f in got_b] == [1, 2, 3]
-    assert [f.terminal for f in got_a] == [False, True, False]
-    assert got_a[1].data == b'id: e1-2\nevent: complete\ndata: {"x":1}\n\n'
-    assert all(fa.data is fb.data for fa, fb in zip(got_a, got_b, strict=True))
-    assert not other.frames
+    assert seqs_of(got_a) == seqs_of(got_b) == [1, 2, 3]
+    assert [f.terminal for x in got_a for f in x.frames] == [False, True, False]
+    assert got_a[0].frames[1].data == b'id: e1-2\nevent: complete\ndata: {"x":1}\n\n'
+    assert got_a[0].data == b"".join(f.data for f in got_a[0].frames)
+    assert all(x is y for x, y in zip(got_a, got_b, strict=True))  # one encoding for everyone
+    assert not other.batches
     assert hub.stats["events"] == 3 and hub.stats["deliveries"] == 6
     _, cursor = hub.subscribe("sc:k", 0)
     assert cursor == 3
@@ -249,13 +261,13 @@ async def test_unsubscribing_the_last_listener_forgets_the_stream(hub: Hub) -> N
 async def test_dispatch_for_an_unknown_key_is_ignored(hub: Hub) -> None:
     listener, _ = hub.subscribe("sc:k", 0)
     hub._dispatch(b"sc:gone", [entry(1)])
-    assert not listener.frames
+    assert not listener.batches
     assert hub.stream_count == 1
     assert hub.stats["events"] == 0
 
 
-async def test_heartbeats_are_frames_of_seq_zero(redis: fakeredis.FakeAsyncRedis) -> None:
-    assert [(f.seq, f.terminal, f.data) for f in HEARTBEAT_FRAMES] == [(0, False, sse.HEARTBEAT)]
+async def test_heartbeats_are_batches_of_seq_zero(redis: fakeredis.FakeAsyncRedis) -> None:
+    assert (HEARTBEAT.heartbeat, HEARTBEAT.data, HEARTBEAT.frames) == (True, sse.HEARTBEAT, ())
     hub = Hub(redis, redis, Settings(heartbeat_seconds=0.01))
     listener, _ = hub.subscribe("sc:k", 0)
     beating = asyncio.create_task(hub._heartbeat_forever())
@@ -264,7 +276,7 @@ async def test_heartbeats_are_frames_of_seq_zero(redis: fakeredis.FakeAsyncRedis
     finally:
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
-    assert taken and all(f.seq == 0 and f.data == sse.HEARTBEAT for f in taken)
+    assert taken and all(x is HEARTBEAT for x in taken)
 
 
 # -- 3. Feed -----------------------------------------------------------------------------------

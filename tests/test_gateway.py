@@ -68,10 +68,10 @@ async def test_health_ready_stats_and_unknown_paths(gateway: Gateway) -> None:
         health = await client.get("/health")
         assert (health.status_code, health.text, health.headers["content-type"]) == (
             200,
-            "OK\n",
+            "OK",
             "text/plain; charset=utf-8",
         )
-        assert (await client.get("/ready")).text == "READY\n"
+        assert (await client.get("/ready")).text == "READY"
         assert (await client.get("/stats")).json()["listeners"] == 0
         for path in ("/", "/nope", "/stream", "/stream/", "/stream/a/b/c/d"):
             assert (await client.get(path)).status_code == 404, path
@@ -164,7 +164,7 @@ async def test_stream_headers_and_first_line_arrive_before_any_event(
     assert client.headers["x-accel-buffering"] == "no"
     size = int(await asyncio.wait_for(client.reader.readline(), 5), 16)
     first = await client.reader.readexactly(size)
-    assert first == b": stream open\nretry: 2000\n\n"
+    assert first == b": stream open\nretry: 2000\n"
 
 
 async def test_late_joiner_gets_history_then_live_events(

@@ -36,4 +36,4 @@ def test_text_response() -> None:
     assert status == 404
     assert headers["content-type"] == "text/plain; charset=utf-8"
     assert headers["cache-control"] == "no-store"
-    assert body == "no such task\n"
+    assert body == "no such task"  # exact: /health answers "OK", nothing more

@@ -63,22 +63,22 @@ def test_encode_event_rejects_nul_in_id(value: bytes) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (b"heartbeat", b": heartbeat\n\n"),
-        (b"", b": \n\n"),
-        (b"a\nb", b": a\n: b\n\n"),
-        (b"a\r\nb\rc", b": a\n: b\n: c\n\n"),
+        (b"heartbeat", b": heartbeat\n"),
+        (b"", b": \n"),
+        (b"a\nb", b": a\n: b\n"),
+        (b"a\r\nb\rc", b": a\n: b\n: c\n"),
     ],
 )
 def test_encode_comment(text: bytes, expected: bytes) -> None:
     assert sse.encode_comment(text) == expected
 
 
-def test_constants_are_comment_frames() -> None:
+def test_constants_are_comment_lines() -> None:
     assert sse.encode_comment(b"heartbeat") == sse.HEARTBEAT
     assert sse.encode_comment(b"stream open") == sse.OPEN_COMMENT
 
 
-@pytest.mark.parametrize(("ms", "expected"), [(0, b"retry: 0\n\n"), (2000, b"retry: 2000\n\n")])
+@pytest.mark.parametrize(("ms", "expected"), [(0, b"retry: 0\n"), (2000, b"retry: 2000\n")])
 def test_encode_retry(ms: int, expected: bytes) -> None:
     assert sse.encode_retry(ms) == expected
 
@@ -86,3 +86,23 @@ def test_encode_retry(ms: int, expected: bytes) -> None:
 def test_encode_retry_rejects_negative() -> None:
     with pytest.raises(ValueError, match="negative"):
         sse.encode_retry(-1)
+
+
+def test_httpx_sse_sees_only_the_events_of_a_stream_with_heartbeats() -> None:
+    """httpx-sse (the predecessor's documented client) reports any data-less block after an id
+    or a retry as an empty event; our preamble and heartbeats must never form such a block."""
+    from httpx_sse._decoders import SSEDecoder
+
+    stream = (
+        sse.OPEN_COMMENT + sse.encode_retry(2000) + sse.HEARTBEAT
+        + sse.encode_event(b'{"n":1}', event=b"progress", id=b"ab-1")
+        + sse.HEARTBEAT + sse.HEARTBEAT
+        + sse.encode_event(b'{"n":2}', event=b"complete", id=b"ab-2")
+        + sse.HEARTBEAT
+    )
+    decoder = SSEDecoder()
+    events = [e for line in stream.decode().splitlines() if (e := decoder.decode(line)) is not None]
+    assert [(e.event, e.id, e.data, e.retry) for e in events] == [
+        ("progress", "ab-1", '{"n":1}', 2000),
+        ("complete", "ab-2", '{"n":2}', None),
+    ]

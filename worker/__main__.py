@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 
 
@@ -17,13 +16,14 @@ def main() -> None:
 
     django.setup()
     from django_app import conf
+    from streamcoord import runtime
 
     from .main import run_worker
 
     settings = conf.get_settings()
     if not settings.redis_url:
         raise SystemExit("runworker: set STREAMCOORD_REDIS_URL (or start runserver_stream's embedded default)")
-    asyncio.run(run_worker(settings, args.concurrency))
+    runtime.run(run_worker(settings, args.concurrency))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from django_app import conf
 from django_app.coordinator import coordinator
+from streamcoord import runtime
 from streamcoord.cli import DEFAULT_SOCKET, bind_target
 from streamcoord.embedded import EmbeddedRedis
 from streamcoord.server import serve
@@ -40,7 +41,7 @@ class Command(BaseCommand):
             conf.use_redis_url(embedded.url)
             settings = conf.get_settings()
         try:
-            asyncio.run(self._serve(settings, target, embedded is not None))
+            runtime.run(self._serve(settings, target, embedded is not None))
         finally:
             if embedded is not None:
                 embedded.close()

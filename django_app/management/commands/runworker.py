@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_app import conf
+from streamcoord import runtime
 from worker.main import run_worker
 
 
@@ -22,4 +22,4 @@ class Command(BaseCommand):
                 "no Redis: set STREAMCOORD_REDIS_URL, or start `manage.py runserver_stream` "
                 "(its embedded default runs a worker of its own)"
             )
-        asyncio.run(run_worker(settings, concurrency))
+        runtime.run(run_worker(settings, concurrency))
