@@ -309,9 +309,11 @@ class Project:
         handle = Gateway(self.directory / f"{name}.sock", process, log)
 
         def started() -> bool:
+            if ready in handle.log_text():
+                return True  # even if it has exited since (a worker a poison task killed)
             if process.poll() is not None:
                 raise RuntimeError(f"manage.py {' '.join(args)} exited with {process.returncode}:\n{handle.log_text()}")
-            return ready in handle.log_text()
+            return False
 
         try:
             wait_for(started, 30, f"manage.py {' '.join(args)} to be ready")
