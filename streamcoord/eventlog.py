@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .codec import TERMINAL_STATES, DataEncoder, Event, decode_entry
+from .connection import is_cluster_url
 from .errors import StreamLost, TaskEnded, WriterFenced
 from .ids import EventId, new_epoch
 from .keys import KeySpace, TaskRef
@@ -74,7 +75,7 @@ class EventLog:
         self.redis = redis
         self.settings = settings
         self.keys = KeySpace(settings.key_prefix)
-        self.publisher = Publisher(redis)
+        self.publisher = Publisher(redis, clustered=is_cluster_url(settings.redis_url))
 
     def writer(self, ref: TaskRef, run: str = "") -> TaskWriter:
         return TaskWriter(self, ref, run)

@@ -9,6 +9,10 @@ with Last-Event-ID.
 Adding a stream while the XREAD blocks: the hub appends to its own small wake stream, which the
 XREAD always includes, so the read returns and the next one covers the new key. Stream ids are
 persistent, so a wake-up can never be missed.
+
+In a Redis Cluster one XREAD can neither span hash slots nor block on several, so there the
+hub polls instead: one pipeline per round with one non-blocking XREAD per slot's streams,
+which redis-py sends node by node (one connection per node, however many clients).
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ import time
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.crc import key_slot
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import sse
 from .codec import decode_entry
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 READ_COUNT = 500
 #: How often an idle hub checks that no followed stream was created anew under it.
 REVALIDATE_SECONDS = 30.0
+#: Cluster polling: the pause after a round that read nothing (the added latency, at most).
+POLL_SECONDS = 0.01
 WAKE_TTL_SECONDS = 24 * 3600
 
 
@@ -137,12 +142,14 @@ class _Stream:
 class Hub:
     """Reads all streams listened to in this process; fans events out in memory."""
 
-    def __init__(self, reader: Redis, redis: Redis, settings: Settings) -> None:
+    def __init__(self, reader: Redis, redis: Redis, settings: Settings, *, clustered: bool = False) -> None:
         # The blocking XREAD holds the reader's connection, so it needs a client of its own;
         # wake-ups go through ``redis`` (shared with history reads), or they would wait for it.
         self._reader = reader
         self._redis = redis
         self._settings = settings
+        self._clustered = clustered
+        self._changed = asyncio.Event()  # cluster polling: a stream was added
         self.gateway_id = secrets.token_hex(6)
         self._wake_key = KeySpace(settings.key_prefix).gateway_wake(self.gateway_id)
         self._wake_last = "0-0"
@@ -197,9 +204,11 @@ class Hub:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._wake_last = await self._append_wake()
+        if not self._clustered:
+            self._wake_last = await self._append_wake()
+        reader = self._poll_forever() if self._clustered else self._read_forever()
         self._tasks = [
-            asyncio.create_task(self._read_forever(), name="streamcoord-hub-reader"),
+            asyncio.create_task(reader, name="streamcoord-hub-reader"),
             asyncio.create_task(self._heartbeat_forever(), name="streamcoord-hub-heartbeat"),
         ]
 
@@ -215,7 +224,9 @@ class Hub:
     # -- reading -----------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        if not self._wake_pending and self._tasks:
+        if self._clustered:
+            self._changed.set()
+        elif not self._wake_pending and self._tasks:
             self._wake_pending = True
             task = asyncio.create_task(self._send_wake(), name="streamcoord-hub-wake")
             self._waking.add(task)
@@ -242,7 +253,7 @@ class Hub:
                 try:
                     await self._revalidate()
                     revalidate_at = time.monotonic() + REVALIDATE_SECONDS
-                except (RedisConnectionError, RedisTimeoutError, OSError):
+                except (RedisError, OSError):
                     pass  # the read below fails too and backs off
             self._wake_pending = False
             wanted: dict[str | bytes, str] = {self._wake_key: self._wake_last}
@@ -252,8 +263,9 @@ class Hub:
                 reply: Any = await self._reader.xread(
                     wanted, count=READ_COUNT, block=self._settings.block_ms  # type: ignore[arg-type]
                 )
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # Positions are kept, so nothing is lost: the next read resumes from them.
+            except (RedisError, OSError) as exc:  # reads with explicit ids are safe to retry
+                # Positions are kept, so nothing is lost: the next read resumes from them (also
+                # after a Sentinel failover, whose blocked reads fail with -UNBLOCKED).
                 log.warning("hub read failed (%s); retrying in %.2fs", exc, backoff)
                 self.stats["read_errors"] += 1
                 await asyncio.sleep(backoff)
@@ -264,6 +276,46 @@ class Hub:
             self.stats["reads"] += 1
             for key, entries in reply or ():
                 self._dispatch(key, entries)
+
+    async def _poll_forever(self) -> None:
+        """The cluster's reader: poll every followed stream, one pipeline per round."""
+        backoff = 0.05
+        revalidate_at = time.monotonic() + REVALIDATE_SECONDS
+        while True:
+            by_slot: dict[int, dict[str | bytes, str]] = {}
+            for key, stream in self._streams.items():
+                by_slot.setdefault(key_slot(key), {})[key] = f"{stream.cursor}-0"
+            if not by_slot:
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self._settings.block_ms / 1000)
+                continue
+            try:
+                if time.monotonic() >= revalidate_at:
+                    await self._revalidate()
+                    revalidate_at = time.monotonic() + REVALIDATE_SECONDS
+                pipe = self._reader.pipeline(transaction=False)
+                for streams in by_slot.values():
+                    pipe.xread(streams, count=READ_COUNT)  # type: ignore[arg-type]
+                replies: Any = await pipe.execute()
+            except (RedisError, OSError) as exc:  # reads with explicit ids are safe to retry
+                log.warning("hub poll failed (%s); retrying in %.2fs", exc, backoff)
+                self.stats["read_errors"] += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                revalidate_at = 0
+                continue
+            backoff = 0.05
+            self.stats["reads"] += 1
+            read = False
+            for reply in replies:
+                for key, entries in reply or ():
+                    self._dispatch(key, entries)
+                    read = True
+            if not read:
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), POLL_SECONDS)
 
     def _dispatch(self, key: bytes, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         if key == self._wake_key.encode():

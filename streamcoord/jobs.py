@@ -21,6 +21,7 @@ token no longer matches, so a worker that comes back from a pause cannot append 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from datetime import UTC, datetime
 from typing import Any
@@ -207,10 +208,10 @@ class JobQueue:
         the jobs whose run another worker took over (this worker must stop them)."""
         if not runs:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for job, run in runs.items():
-            await self._renew(keys=[self.keys.state(job.ref)], args=[run, lease_ms, consumer], client=pipe)
-        replies = await pipe.execute()
+        # Concurrent single calls, not a pipeline: redis-py refuses scripts in cluster pipelines.
+        replies = await asyncio.gather(
+            *(self._renew(keys=[self.keys.state(job.ref)], args=[run, lease_ms, consumer]) for job, run in runs.items())
+        )
         kept: list[Any] = [job.entry_id for job, ok in zip(runs, replies, strict=True) if ok]
         if kept:  # only entries still ours: never pull one back from the worker that took it over
             await self.redis.xclaim(self.keys.jobs(), GROUP, consumer, 0, kept, justid=True)

@@ -25,8 +25,11 @@ MAX_BATCH = 512
 class Publisher:
     """Sends append-script calls for one Redis client, batched while a batch is in flight."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, clustered: bool = False) -> None:
         self._redis = redis
+        # redis-py refuses EVALSHA in a cluster pipeline: there a batch goes out as concurrent
+        # single calls (each node's connections carry them in parallel).
+        self._clustered = clustered
         self._sha: str | None = None
         self._pending: list[tuple[Args, asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -75,6 +78,15 @@ class Publisher:
         if len(calls) == 1:
             keys, args = calls[0]
             return [await self._redis.evalsha(self._sha, len(keys), *keys, *args)]
+        if self._clustered:
+            sha = self._sha
+            answers: list[Any] = await asyncio.gather(
+                *(self._redis.evalsha(sha, len(keys), *keys, *args) for keys, args in calls),
+                return_exceptions=True,
+            )
+            if any(isinstance(r, NoScriptError) for r in answers):
+                raise NoScriptError("NOSCRIPT in batch")
+            return answers
         pipe = self._redis.pipeline(transaction=False)
         for keys, args in calls:
             pipe.evalsha(self._sha, len(keys), *keys, *args)

@@ -108,7 +108,8 @@ async def gateway_parts(
     # more, waiting for a free one under load rather than opening more (or failing).
     redis = factory.client("gateway", max_connections=3, wait_seconds=30)
     reader = factory.client("gateway-reader", max_connections=1)
-    hub = Hub(reader, redis, settings)
+    await factory.ready(redis, reader)
+    hub = Hub(reader, redis, settings, clustered=factory.clustered)
     await hub.start()
     try:
         yield Gateway(EventLog(redis, settings), hub, settings, extra_routes)
