@@ -63,7 +63,7 @@ class Worker:
         self.settings = settings
         self.concurrency = concurrency or settings.worker_concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        factory = RedisFactory(settings)
+        self._factory = factory = RedisFactory(settings)
         self.redis = factory.client("worker", max_connections=8)
         # Blocking reads hold their connections: the job claim and the control channel.
         self._claim_redis = factory.client("worker-claim", max_connections=1)
@@ -83,6 +83,7 @@ class Worker:
     async def run(self) -> None:
         """Work until :meth:`stop`; then let running tasks finish within the grace period and
         hand the rest back."""
+        await self._factory.ready(self.redis, self._claim_redis, self._control_redis)
         await self.queue.ensure_group()
         await self._heartbeat()
         loops = [
