@@ -1,69 +1,73 @@
--- Append one event to a task's stream: one atomic step, safe to retry.
--- KEYS: 1 events stream, 2 state hash (one hash tag, so one cluster slot)
--- ARGV: 1 epoch, 2 seq, 3 type, 4 data, 5 maxlen, 6 terminal state or '',
---       7 stream ttl s, 8 state ttl s, 9 now (ISO 8601), 10 final value JSON or '',
---       11 writer token (names one TaskWriter; tells its own retry from another's write),
---       12 run token ('' outside a worker run): while a worker runs the task, only the
---          current run may append; a run whose lease another worker took over is fenced off
--- Returns {status, epoch, last_seq}; status is one of
+-- Append events to task streams: each append one atomic step, safe to retry.
+-- KEYS: per event, the task's events stream and state hash (one hash tag, so one cluster slot).
+--       A batch may hold events of several tasks (one Redis only: a cluster gets one per call).
+-- ARGV: 1 maxlen, 2 stream ttl s, 3 state ttl s, 4 now (ISO 8601), then 8 per event:
+--       epoch, seq, type, data, terminal state or '', final value JSON or '',
+--       writer token (names one TaskWriter; tells its own retry from another's write),
+--       run token ('' outside a worker run): while a worker runs the task, only the current
+--       run may append; a run whose lease another worker took over is fenced off
+-- Returns one {status, epoch, last_seq} per event; status is one of
 --   ok      written as <seq>-0
 --   dup     this writer already wrote seq in this epoch (a retry whose first reply was lost)
 --   ended   the run already has its terminal event
 --   fenced  another writer's epoch owns the stream, another writer wrote seq, seq skips ahead,
 --           or the task's current run is not this writer's
 --   lost    the stream vanished under a writer past its first event
-local events, state = KEYS[1], KEYS[2]
-local epoch, seq = ARGV[1], tonumber(ARGV[2])
-local cur = redis.call('HMGET', state, 'epoch', 'last_seq', 'state', 'writer', 'run')
-local cur_epoch = cur[1] or ''
-local last = cur[2] and tonumber(cur[2]) or 0
-local ended = cur[3] == 'completed' or cur[3] == 'failed' or cur[3] == 'cancelled'
+local maxlen, stream_ttl, state_ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
-if cur[5] and cur[5] ~= ARGV[12] and (ARGV[12] ~= '' or cur[3] == 'running') then
-  return {'fenced', cur_epoch, last}
-end
+local function append(events, state, epoch, seq, etype, data, terminal, final, writer, run)
+  local cur = redis.call('HMGET', state, 'epoch', 'last_seq', 'state', 'writer', 'run')
+  local cur_epoch = cur[1] or ''
+  local last = cur[2] and tonumber(cur[2]) or 0
+  local ended = cur[3] == 'completed' or cur[3] == 'failed' or cur[3] == 'cancelled'
 
-if redis.call('EXISTS', events) == 0 then
-  if ended then return {'ended', cur_epoch, last} end
-  if seq ~= 1 then return {'lost', cur_epoch, last} end
-  -- A new stream, so a new epoch: forget what an earlier incarnation left in the record.
-  redis.call('HDEL', state, 'ended_at', 'end_data', 'final_value')
-  redis.call('PERSIST', state)
-else
-  if cur_epoch ~= epoch then return {'fenced', cur_epoch, last} end
-  if seq <= last then
-    if cur[4] == ARGV[11] then return {'dup', cur_epoch, last} end
+  if cur[5] and cur[5] ~= run and (run ~= '' or cur[3] == 'running') then
     return {'fenced', cur_epoch, last}
   end
-  if ended then return {'ended', cur_epoch, last} end
-  if seq ~= last + 1 then return {'fenced', cur_epoch, last} end
-end
+  if redis.call('EXISTS', events) == 0 then
+    if ended then return {'ended', cur_epoch, last} end
+    if seq ~= 1 then return {'lost', cur_epoch, last} end
+    -- A new stream, so a new epoch: forget what an earlier incarnation left in the record.
+    redis.call('HDEL', state, 'ended_at', 'end_data', 'final_value')
+    redis.call('PERSIST', state)
+  else
+    if cur_epoch ~= epoch then return {'fenced', cur_epoch, last} end
+    if seq <= last then
+      if cur[4] == writer then return {'dup', cur_epoch, last} end
+      return {'fenced', cur_epoch, last}
+    end
+    if ended then return {'ended', cur_epoch, last} end
+    if seq ~= last + 1 then return {'fenced', cur_epoch, last} end
+  end
 
-redis.call('XADD', events, 'MAXLEN', ARGV[5], seq .. '-0',
-           'epoch', epoch, 'type', ARGV[3], 'data', ARGV[4])
-local fields = {'epoch', epoch, 'last_seq', seq, 'last_type', ARGV[3], 'updated_at', ARGV[9],
-                'writer', ARGV[11]}
-if ARGV[12] ~= '' then
+  redis.call('XADD', events, 'MAXLEN', maxlen, seq .. '-0', 'epoch', epoch, 'type', etype, 'data', data)
+  -- Only what changed: an ordinary event updates three fields.
+  local fields = {'last_seq', seq, 'last_type', etype, 'updated_at', now}
+  local function set(name, value) table.insert(fields, name); table.insert(fields, value) end
+  if cur_epoch ~= epoch then set('epoch', epoch) end
+  if cur[4] ~= writer then set('writer', writer) end
   -- The fence above let this run through: it is the task's run (this also rebuilds the run
   -- of a record Redis lost, so the worker's lease renewal still finds it ours).
-  table.insert(fields, 'run'); table.insert(fields, ARGV[12])
-end
-if seq == 1 then
-  table.insert(fields, 'started_at'); table.insert(fields, ARGV[9])
-end
-if ARGV[6] ~= '' then
-  for _, v in ipairs({'state', ARGV[6], 'ended_at', ARGV[9], 'end_data', ARGV[4]}) do
-    table.insert(fields, v)
+  if run ~= '' and cur[5] ~= run then set('run', run) end
+  if seq == 1 then set('started_at', now) end
+  if terminal ~= '' then
+    set('state', terminal); set('ended_at', now); set('end_data', data)
+    if final ~= '' then set('final_value', final) end
+  elseif cur[3] ~= 'running' then
+    set('state', 'running')
   end
-  if ARGV[10] ~= '' then
-    table.insert(fields, 'final_value'); table.insert(fields, ARGV[10])
+  redis.call('HSET', state, unpack(fields))
+  if terminal ~= '' then
+    redis.call('EXPIRE', events, stream_ttl)
+    redis.call('EXPIRE', state, state_ttl)
   end
-else
-  table.insert(fields, 'state'); table.insert(fields, 'running')
+  return {'ok', epoch, seq}
 end
-redis.call('HSET', state, unpack(fields))
-if ARGV[6] ~= '' then
-  redis.call('EXPIRE', events, ARGV[7])
-  redis.call('EXPIRE', state, ARGV[8])
+
+local replies = {}
+for i = 1, #KEYS / 2 do
+  local a = 4 + (i - 1) * 8
+  replies[i] = append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[a + 1], tonumber(ARGV[a + 2]),
+                      ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8])
 end
-return {'ok', epoch, seq}
+return replies

@@ -75,7 +75,7 @@ class EventLog:
         self.redis = redis
         self.settings = settings
         self.keys = KeySpace(settings.key_prefix)
-        self.publisher = Publisher(redis, clustered=is_cluster_url(settings.redis_url))
+        self.publisher = Publisher(redis, settings, clustered=is_cluster_url(settings.redis_url))
 
     def writer(self, ref: TaskRef, run: str = "") -> TaskWriter:
         return TaskWriter(self, ref, run)
@@ -208,15 +208,5 @@ class TaskWriter:
                 raise
 
     async def _submit(self, seq: int, event_type: str, data: bytes, terminal: str, final: str) -> list[Any]:
-        settings = self.log.settings
-        now = datetime.now(UTC).isoformat()
-        future = self.log.publisher.submit(
-            self._keys,
-            (self._epoch, seq, event_type, data, settings.max_stream_length, terminal,
-             settings.stream_ttl_seconds, settings.state_ttl_seconds, now, final, self.token,
-             self.run),
-        )
-        self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
-        # Shielded: a cancelled caller must not cancel the shared batch of other writers.
-        return await asyncio.shield(future)
+        event = (self._epoch, seq, event_type, data, terminal, final, self.token, self.run)
+        return await self.log.publisher.append((self._keys, event), self._inflight)

@@ -1,9 +1,13 @@
-"""Runs the append script, batching concurrent appends of one process into pipelines.
+"""Runs the append script: a lone append at once, concurrent ones batched into one call.
 
-While one batch is on the wire the next one gathers, so a process with many tasks sending at
-once pays one round trip per batch instead of one per event, and a lone awaited append still
-goes out at once. Every append carries the sequence number it expects to write, so re-sending a
-batch after a lost reply (redis-py's own retry, or ours after NOSCRIPT) never writes twice.
+An append that finds nothing on the wire goes out straight from the caller's task. Appends made
+while a call is on the wire gather, and go out together as ONE script call (one round trip, one
+command for Redis to parse) as soon as the wire is free. Every append carries the sequence
+number it expects to write, so re-sending a call after a lost reply (redis-py's own retry, or
+ours after NOSCRIPT) never writes twice.
+
+In a Redis Cluster one script call cannot touch several tasks' keys (other hash slots), so
+there a batch goes out as concurrent single-event calls.
 """
 
 from __future__ import annotations
@@ -11,86 +15,110 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-Args = tuple[Sequence[str], Sequence[str | bytes | int]]
+from .settings import Settings
+
+#: One event's part of a call: its two keys, and (epoch, seq, type, data, terminal state,
+#: final value, writer token, run token).
+Append = tuple[tuple[str, str], Sequence[str | bytes | int]]
 
 APPEND_SCRIPT = importlib.resources.files(__package__).joinpath("append.lua").read_text()
-MAX_BATCH = 512
+MAX_BATCH = 256
 
 
 class Publisher:
-    """Sends append-script calls for one Redis client, batched while a batch is in flight."""
+    """Sends append-script calls for one Redis client."""
 
-    def __init__(self, redis: Redis, *, clustered: bool = False) -> None:
+    def __init__(self, redis: Redis, settings: Settings, *, clustered: bool = False) -> None:
         self._redis = redis
-        # redis-py refuses EVALSHA in a cluster pipeline: there a batch goes out as concurrent
-        # single calls (each node's connections carry them in parallel).
+        self._settings = settings
         self._clustered = clustered
         self._sha: str | None = None
-        self._pending: list[tuple[Args, asyncio.Future[list[Any]]]] = []
+        self._busy = False  # a call is on the wire
+        self._pending: list[tuple[Append, asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        #: Round trips made (a pipeline counts once), for tests and stats.
+        #: Round trips made, for tests and stats.
         self.batches = 0
 
-    def submit(self, keys: Sequence[str], args: Sequence[str | bytes | int]) -> asyncio.Future[list[Any]]:
-        """Queue one append; the future resolves to the script's reply."""
+    async def append(self, append: Append, inflight: set[asyncio.Future[list[Any]]]) -> list[Any]:
+        """Run one append; its reply ``[status, epoch, last_seq]``. An append that waits for the
+        next batch is in ``inflight`` until it has been sent (its caller may be cancelled
+        meanwhile: the batch goes out all the same)."""
+        if not self._busy and not self._pending:  # else wait in line: never overtake the queue
+            self._busy = True
+            try:
+                replies = await self._run([append])
+                reply: list[Any] = replies[0]
+                return reply
+            finally:
+                self._busy = False
+                self._start_flusher()
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append(((keys, args), future))
-        if self._flusher is None or self._flusher.done():
+        self._pending.append((append, future))
+        inflight.add(future)
+        future.add_done_callback(inflight.discard)
+        # Shielded: a cancelled caller must not cancel the batch the others wait for.
+        return await asyncio.shield(future)
+
+    def _start_flusher(self) -> None:
+        if self._pending and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.create_task(self._flush(), name="streamcoord-publisher")
-        return future
 
     async def _flush(self) -> None:
-        while self._pending:
+        while self._pending and not self._busy:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._busy = True
             try:
-                replies = await self._run([args for args, _ in batch])
+                replies = await self._run([append for append, _ in batch])
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                self._busy = False
             for (_, future), reply in zip(batch, replies, strict=True):
-                if future.done():  # the caller gave up waiting
-                    continue
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
+                if not future.done():
                     future.set_result(reply)
 
-    async def _run(self, calls: list[Args]) -> list[Any]:
+    async def _run(self, appends: list[Append]) -> list[Any]:
         if self._sha is None:
             self._sha = await self._redis.script_load(APPEND_SCRIPT)
         try:
-            return await self._send(calls)
+            return await self._send(appends)
         except NoScriptError:
             # Redis restarted or SCRIPT FLUSH ran; appends are idempotent, so re-send them all.
             self._sha = await self._redis.script_load(APPEND_SCRIPT)
-            return await self._send(calls)
+            return await self._send(appends)
 
-    async def _send(self, calls: list[Args]) -> list[Any]:
-        assert self._sha is not None
+    async def _send(self, appends: list[Append]) -> list[Any]:
         self.batches += 1
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [await self._redis.evalsha(self._sha, len(keys), *keys, *args)]
-        if self._clustered:
-            sha = self._sha
-            answers: list[Any] = await asyncio.gather(
-                *(self._redis.evalsha(sha, len(keys), *keys, *args) for keys, args in calls),
-                return_exceptions=True,
-            )
-            if any(isinstance(r, NoScriptError) for r in answers):
-                raise NoScriptError("NOSCRIPT in batch")
-            return answers
-        pipe = self._redis.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            raise NoScriptError("NOSCRIPT in batch")
+        common = self._common_args()
+        if self._clustered and len(appends) > 1:
+            replies = await asyncio.gather(*(self._call(common, [a]) for a in appends))
+            return [reply[0] for reply in replies]
+        return await self._call(common, appends)
+
+    async def _call(self, common: list[str | int], appends: list[Append]) -> list[Any]:
+        assert self._sha is not None
+        keys: list[str] = []
+        args: list[Any] = list(common)
+        for (events_key, state_key), event_args in appends:
+            keys += (events_key, state_key)
+            args += event_args
+        replies: list[Any] = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
         return replies
+
+    def _common_args(self) -> list[str | int]:
+        settings = self._settings
+        return [
+            settings.max_stream_length,
+            settings.stream_ttl_seconds,
+            settings.state_ttl_seconds,
+            datetime.now(UTC).isoformat(),
+        ]
