@@ -88,6 +88,12 @@ class TaskCoordinator:
             await self.register_models(runtime)
         return runtime
 
+    async def close(self) -> None:
+        """Close this event loop's Redis client (it is made again on next use)."""
+        runtime = self._runtimes.pop(asyncio.get_running_loop(), None)
+        if runtime is not None:
+            await runtime.redis.aclose()
+
     async def register_models(self, runtime: _Runtime | None = None) -> None:
         """Tell the gateways which task models exist (done on first use in each process)."""
         runtime = runtime or await self._runtime()

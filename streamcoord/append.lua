@@ -12,7 +12,8 @@
 --   ended   the run already has its terminal event
 --   fenced  another writer's epoch owns the stream, another writer wrote seq, seq skips ahead,
 --           or the task's current run is not this writer's
---   lost    the stream vanished under a writer past its first event
+--   lost    the stream, or this writer's last events, vanished (Redis lost data): the writer
+--           starts the stream anew under a new epoch, and readers get a reset
 local maxlen, stream_ttl, state_ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local function append(events, state, epoch, seq, etype, data, terminal, final, writer, run)
@@ -24,7 +25,13 @@ local function append(events, state, epoch, seq, etype, data, terminal, final, w
   if cur[5] and cur[5] ~= run and (run ~= '' or cur[3] == 'running') then
     return {'fenced', cur_epoch, last}
   end
-  if redis.call('EXISTS', events) == 0 then
+  local exists = redis.call('EXISTS', events) == 1
+  if exists and seq == 1 and cur_epoch ~= epoch and cur[4] == writer then
+    -- This writer lost its stream's tail (a failover) and starts the stream anew.
+    redis.call('DEL', events)
+    exists = false
+  end
+  if not exists then
     if ended then return {'ended', cur_epoch, last} end
     if seq ~= 1 then return {'lost', cur_epoch, last} end
     -- A new stream, so a new epoch: forget what an earlier incarnation left in the record.
@@ -37,7 +44,10 @@ local function append(events, state, epoch, seq, etype, data, terminal, final, w
       return {'fenced', cur_epoch, last}
     end
     if ended then return {'ended', cur_epoch, last} end
-    if seq ~= last + 1 then return {'fenced', cur_epoch, last} end
+    if seq ~= last + 1 then
+      if cur[4] == writer then return {'lost', cur_epoch, last} end  -- our own tail is gone
+      return {'fenced', cur_epoch, last}
+    end
   end
 
   redis.call('XADD', events, 'MAXLEN', maxlen, seq .. '-0', 'epoch', epoch, 'type', etype, 'data', data)

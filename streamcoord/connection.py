@@ -15,7 +15,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
+import logging
 import os
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -23,9 +26,15 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
 
 from .errors import ConfigurationError
 from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: How often a process asks the sentinels where the master is.
+MASTER_CHECK_SECONDS = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +83,16 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's pool (it finds the current master) that waits for a free connection."""
 
 
+#: Set while a task holds a slot of a gated cluster client (see _GatedCluster).
+_holding_gate: contextvars.ContextVar[bool] = contextvars.ContextVar("holding_gate", default=False)
+
+
 class _GatedCluster(RedisCluster):
     """A cluster client whose callers wait for a free slot: redis-py's cluster pools raise
     MaxConnectionsError when full. A command holds one connection, a pipeline at most one per
-    node, so ``concurrency`` slots never need more than ``concurrency`` connections per node."""
+    node, so ``concurrency`` slots never need more than ``concurrency`` connections per node.
+    A pipeline whose commands are redirected (MOVED, ASK) re-sends them through
+    execute_command inside its slot: that call must not wait for a second slot."""
 
     def __init__(self, *, concurrency: int, **kwargs: Any) -> None:
         kwargs["max_connections"] = concurrency
@@ -85,8 +100,14 @@ class _GatedCluster(RedisCluster):
         self._gate = asyncio.Semaphore(concurrency)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self._gate:
+        if _holding_gate.get():
             return await super().execute_command(*args, **kwargs)
+        async with self._gate:
+            token = _holding_gate.set(True)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            finally:
+                _holding_gate.reset(token)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
@@ -94,7 +115,11 @@ class _GatedCluster(RedisCluster):
 
         async def gated_execute(*args: Any, **kwargs: Any) -> Any:
             async with self._gate:
-                return await execute(*args, **kwargs)
+                token = _holding_gate.set(True)
+                try:
+                    return await execute(*args, **kwargs)
+                finally:
+                    _holding_gate.reset(token)
 
         pipe.execute = gated_execute  # type: ignore[method-assign]
         return pipe
@@ -111,6 +136,8 @@ class RedisFactory:
         self.settings = settings
         self.topology = parse_redis_url(settings.redis_url)
         self._sentinel: Sentinel | None = None  # one per process: master_for makes a pool per call
+        self._clients: list[Redis] = []
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def clustered(self) -> bool:
@@ -124,6 +151,35 @@ class RedisFactory:
             if self.clustered:
                 await cast(RedisCluster, client).initialize()
             await client.ping()
+        if self._sentinel is not None and self._watcher is None:
+            self._watcher = asyncio.create_task(self._follow_master(), name="streamcoord-sentinel")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+
+    async def _follow_master(self) -> None:
+        """Sentinel pools look the master up only when they open a connection, so after a
+        failover open connections would go on writing to the old master (until Sentinel demotes
+        it, seconds later, losing those writes). Ask the sentinels twice a second instead, and
+        drop every connection when the master moved: the next command finds the new one."""
+        assert self._sentinel is not None
+        known: Any = None
+        while True:
+            await asyncio.sleep(MASTER_CHECK_SECONDS)
+            try:
+                master = await self._sentinel.discover_master(self.topology.service)
+            except (RedisError, OSError) as exc:
+                log.warning("asking the sentinels for the master failed: %s", exc)
+                continue
+            if known is not None and master != known:
+                log.warning("Redis master moved from %s to %s: reconnecting", known, master)
+                for client in self._clients:
+                    await client.connection_pool.disconnect()
+            known = master
 
     def client(self, role: str, max_connections: int = 4, wait_seconds: float | None = None) -> Redis:
         """A client with at most ``max_connections`` (per node, in a cluster): callers wait for a
@@ -158,6 +214,7 @@ class RedisFactory:
                 health_check_interval=30,
                 **common,
             )
+            self._clients.append(master)
             return master
         pool = BlockingConnectionPool.from_url(
             topology.url,

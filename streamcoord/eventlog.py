@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -196,7 +197,8 @@ class TaskWriter:
         while True:
             try:
                 return await self._submit(seq, event_type, data, terminal, final)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, ClusterError, OSError) as exc:
+                # (ClusterError: redirections ran out while slots move between nodes.)
                 if loop.time() + delay > deadline:
                     self._resync = True
                     raise

@@ -175,6 +175,11 @@ class Feed:
             for batch in batches:
                 if batch.heartbeat:
                     out.append(batch.data)
+                elif batch.rewind:
+                    # Redis lost events of this stream: what the client has may be gone. Say so,
+                    # then send the stream from its start (the hub reads it again from 1).
+                    out.append(self._reset("lost"))
+                    self._last, self._epoch = 0, b""
                 elif batch.epoch == self._epoch and batch.first == self._last + 1:
                     # In step with the stream (the usual case): the hub's bytes as they are.
                     out.append(batch.data)

@@ -62,13 +62,18 @@ class Batch(NamedTuple):
     data: bytes
     #: The epoch of every frame, or b"" when they differ (then listeners go frame by frame).
     epoch: bytes
-    first: int  # sequence of the first frame; 0 for a heartbeat
+    first: int  # sequence of the first frame; 0 for a heartbeat, -1 for a rewind
     last: int
     terminal: bool
 
     @property
     def heartbeat(self) -> bool:
         return self.first == 0
+
+    @property
+    def rewind(self) -> bool:
+        """Redis lost events of this stream: what a listener sent may no longer exist."""
+        return self.first == -1
 
 
 def make_batch(frames: list[Frame]) -> Batch:
@@ -80,6 +85,7 @@ def make_batch(frames: list[Frame]) -> Batch:
 
 
 HEARTBEAT = Batch((), sse.HEARTBEAT, b"", 0, 0, False)
+REWIND = Batch((), b"", b"", -1, -1, False)
 
 
 class Listener:
@@ -336,9 +342,9 @@ class Hub:
         self.stats["deliveries"] += len(frames) * len(stream.listeners)
 
     async def _revalidate(self) -> None:
-        """Rewind the cursor of every followed stream that was created anew (Redis lost it and
-        a writer started a new epoch): XREAD from the old position would skip the new stream's
-        first events. Listeners see the new epoch and tell their clients with a reset."""
+        """Rewind the cursor of every followed stream that lost events in Redis (created anew
+        under a new epoch, or cut back by a failover): XREAD from the old position would skip
+        what is written from now on. Listeners are told, and reset their clients."""
         followed = list(self._streams.items())
         if not followed:
             return
@@ -349,9 +355,11 @@ class Hub:
         for (key, stream), (epoch, last_seq) in zip(followed, replies, strict=True):
             renewed = stream.epoch and epoch is not None and epoch != stream.epoch
             if renewed or int(last_seq or 0) < stream.cursor:
-                log.info("stream %s was created anew; reading it from its start", key.decode())
+                log.info("stream %s lost events in Redis; reading it from its start", key.decode())
                 stream.cursor, stream.epoch = 0, b""
                 self.stats["rewinds"] += 1
+                for listener in stream.listeners:
+                    listener.push(REWIND)
 
     async def _heartbeat_forever(self) -> None:
         while True:

@@ -115,6 +115,7 @@ async def gateway_parts(
         yield Gateway(EventLog(redis, settings), hub, settings, extra_routes)
     finally:
         await hub.stop()
+        await factory.close()
         await reader.aclose()
         await redis.aclose()
 

@@ -419,5 +419,5 @@ async def test_a_stream_lost_in_a_redis_restart_resets_its_clients(
         server.stop()
     assert [e.seq for e in seen] == [1, 2, 3, 4, 5]  # type: ignore[union-attr]
     assert after[0].epoch != before[0].epoch and [a.seq for a in after] == [1, 2]
-    assert rest[0].event == "reset" and rest[0].json()["reason"] == "epoch"
+    assert rest[0].event == "reset" and rest[0].json()["reason"] == "lost"
     assert [(e.id, e.event) for e in rest[1:]] == [(str(after[0]), "progress"), (str(after[1]), "complete")]

@@ -102,6 +102,7 @@ class Worker:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             await self._unregister()
+            await self._factory.close()
             for client in (self.redis, self._claim_redis, self._control_redis):
                 await client.aclose()
             log.info("worker %s stopped", self.id)
@@ -185,6 +186,8 @@ class Worker:
             token = secrets.token_hex(8)
             verdict, attempt = await self.queue.recover(job, self.id, token, self.lease_ms, max_attempts)
             log.info("recovered %s from a stopped worker: %s (attempt %d)", job.ref, verdict, attempt)
+            if verdict in ("rerun", "exhausted") and await self._replay_recorded_outcome(job, token):
+                continue
             if verdict == "rerun":
                 self._launch(job, token, attempt)
             elif verdict == "exhausted":
@@ -193,6 +196,27 @@ class Worker:
                 self._launch(job, token)
             elif verdict != "alive":  # ended, missing, pending, cancelling: nothing to run
                 await self.queue.finish(job)
+
+    async def _replay_recorded_outcome(self, job: Job, token: str) -> bool:
+        """When the database says the task already ended (Redis lost the end, e.g. in a
+        failover), write that outcome as the terminal event instead of running or failing the
+        task again. True when it did."""
+        model = _model(job.ref)
+        row = await model.objects.filter(pk=job.ref.pk).only("status", "final_value", "error").afirst() if model else None
+        if row is None or row.status not in (Status.COMPLETED, Status.FAILED, Status.CANCELLED):
+            return False
+        writer = self.log.writer(job.ref, token)
+        with contextlib.suppress(WriterFenced):
+            if row.status == Status.COMPLETED:
+                await writer.append("complete", {"final_value": row.final_value}, final_value=row.final_value)
+            elif row.status == Status.FAILED:
+                error_type, _, message = row.error.partition(": ")
+                await writer.append("error", {"message": message or row.error, "error_type": error_type or "Error"})
+            else:
+                await writer.append("cancelled", {"message": row.error or "cancelled"})
+        log.info("task %s had ended (%s) before Redis lost it: its outcome is written again", job.ref, row.status)
+        await self.queue.finish(job)
+        return True
 
     async def _give_up(self, job: Job, token: str, attempt: int) -> None:
         """End a task whose last allowed run was lost with its worker: one ``error``, recorded

@@ -49,6 +49,8 @@ class Command(BaseCommand):
     async def _serve(self, settings: Settings, target: dict[str, Any], embedded: bool) -> None:
         await coordinator.register_models()
         if not embedded:
+            # A stateless gateway holds only its own connections: drop the coordinator's.
+            await coordinator.close()
             await serve(settings, **target)
             return
         from django_app.demo import demo_routes
