@@ -1,0 +1,139 @@
+"""streamcoord: its own redis-server, one ``python -m streamcoord gateway --socket`` process, and
+events appended from the suite's process through EventLog / TaskWriter (the worker's path).
+
+Streams 1..N are tasks ``bench.Job:<n>``, declared ``running`` before clients connect (so no
+lazy start queues a job nobody takes). The gateway's queue bound, ``STREAMCOORD_CLIENT_QUEUE_SIZE``,
+is a parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import UnixDomainSocketConnection
+
+from streamcoord.eventlog import EventLog, TaskWriter
+from streamcoord.ids import EventId
+from streamcoord.keys import KeySpace, TaskRef
+from streamcoord.registry import register_models
+from streamcoord.settings import Settings
+
+from ..pacing import APP, MODEL, event_count, paced
+from ..procs import RedisServer, clean_env, make_dir, python_argv
+from . import Endpoint
+from .served import ServedApp
+
+DEFAULT_QUEUE_SIZE = 10_000
+#: The suite's own connections to Redis, for publishing.
+PUBLISH_CONNECTIONS = 16
+
+
+class Streamcoord:
+    name = "streamcoord"
+
+    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        self.queue_size = queue_size
+        self.redis_server: RedisServer | None = None
+        self.gateway: ServedApp | None = None
+        self.redis: Redis | None = None
+        self.log: EventLog | None = None
+        self.writers: dict[int, TaskWriter] = {}
+        self.counts: dict[int, int] = {}
+
+    async def start(self, workdir: Path, streams: int) -> Endpoint:
+        self.redis_server = await RedisServer(workdir / "redis").start()
+        url = self.redis_server.url
+        socket = make_dir(workdir) / "gw.sock"
+        self.gateway = ServedApp("streamcoord gateway", socket, python_argv(
+            "streamcoord", "gateway", "--socket", str(socket)
+        ))
+        await self.gateway.start(clean_env(
+            STREAMCOORD_REDIS_URL=url, STREAMCOORD_CLIENT_QUEUE_SIZE=str(self.queue_size),
+            STREAMCOORD_LAZY_START="0",
+        ))
+        # Many streams open their writers at once: wait for a connection rather than fail.
+        self.redis = Redis(connection_pool=BlockingConnectionPool(
+            connection_class=UnixDomainSocketConnection, path=str(self.redis_server.socket),
+            max_connections=PUBLISH_CONNECTIONS, timeout=30,
+        ))
+        settings = Settings(redis_url=url)
+        self.log = EventLog(self.redis, settings)
+        await register_models(self.redis, KeySpace(settings.key_prefix), [(APP, MODEL)])
+        for first in range(1, streams + 1, 500):
+            await asyncio.gather(*(
+                self.log.declare(self.ref(n), state="running")
+                for n in range(first, min(streams, first + 499) + 1)
+            ))
+        return Endpoint(
+            socket=self.gateway.socket, server_pids=[self.gateway.pid],
+            redis_pid=self.redis_server.pid,
+        )
+
+    @staticmethod
+    def ref(stream: int) -> TaskRef:
+        return TaskRef(APP, MODEL, str(stream))
+
+    def stream_path(self, stream: int) -> str:
+        return f"/stream/{APP}/{MODEL}/{stream}"
+
+    async def wait_for_clients(self, expected: int, within: float) -> None:
+        assert self.gateway is not None
+        await self.gateway.wait_for_listeners(expected, within)
+
+    async def publish(self, stream: int, rate: float, seconds: float) -> int:
+        """Appends after the first are not awaited one by one (the writer numbers them when
+        they are submitted and its publisher pipelines them), so a slow round trip does not
+        lower the rate offered."""
+        assert self.log is not None
+        writer = self.writers[stream] = self.log.writer(self.ref(stream))
+        self.counts[stream] = 0
+        total = event_count(rate, seconds)
+        pending: list[asyncio.Task[EventId]] = []
+
+        def counted(task: asyncio.Task[EventId]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                self.counts[stream] += 1
+
+        async for n in paced(total, rate):
+            if n == 1:  # opens the stream's epoch
+                await writer.append("progress", {"t": time.time(), "n": 1})
+                self.counts[stream] = 1
+                continue
+            task = asyncio.create_task(writer.append("progress", {"t": time.time(), "n": n}))
+            task.add_done_callback(counted)
+            pending.append(task)
+        await asyncio.gather(*pending)
+        await writer.append("complete", {"t": time.time(), "n": total + 1})
+        return total
+
+    # -- beyond the Contender protocol: resume and Redis figures ---------------------------
+
+    async def published(self, stream: int) -> int:
+        """Events appended so far (contiguous from 1: appends complete in order)."""
+        return self.counts.get(stream, 0)
+
+    def event_id(self, stream: int, n: int) -> str:
+        return f"{self.writers[stream].epoch}-{n}"
+
+    async def redis_connections(self) -> int | None:
+        """Connections the gateway process holds (streamcoord names them ``...:<pid>``)."""
+        assert self.redis is not None and self.gateway is not None
+        clients: list[dict[str, Any]] = await self.redis.client_list()
+        return sum(1 for c in clients if str(c.get("name", "")).endswith(f":{self.gateway.pid}"))
+
+    async def server_counters(self) -> dict[str, int]:
+        """The gateway's hub counters (``reads``: XREAD calls, ``events``: events read)."""
+        assert self.gateway is not None
+        stats = await self.gateway.get("/stats")
+        return {k: v for k, v in stats.items() if k in ("reads", "events")}
+
+    async def stop(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+        for part in (self.gateway, self.redis_server):  # the gateway first, then its Redis
+            if part is not None:
+                await part.stop()
