@@ -38,17 +38,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
+from ..procs import Child, RedisServer, python_argv
+from ..sampler import host_cpu_seconds, proc_cpu_seconds
 from . import Context, Row
-from .publish import (
-    Proc,
-    host_busy_seconds,
-    percentile,
-    proc_cpu_seconds,
-    run_json_child,
-    run_standalone,
-    start_redis,
-    stop_all,
-)
+from .publish import percentile, print_json, run_json_child, scenario_main
 
 SCENARIO = "dispatch"
 APP, MODEL = "examples", "ProgressTask"
@@ -74,45 +67,52 @@ def project_env(directory: Path, redis_url: str, **settings: Any) -> dict[str, s
     return env
 
 
-async def migrate(repo: Path, directory: Path, env: dict[str, str]) -> None:
-    """``manage.py migrate`` into the project's SQLite file (bounded, killed by pid)."""
-    proc = await Proc.spawn("migrate", [sys.executable, "manage.py", "migrate", "--no-input"],
-                            directory / "migrate.log", cwd=repo, env=env)
+async def migrate(env: dict[str, str]) -> None:
+    """``manage.py migrate`` into the project's SQLite file (bounded, stopped by pid)."""
+    child = await Child.spawn("migrate", [sys.executable, "manage.py", "migrate", "--no-input"], env=env)
     try:
-        code = await asyncio.wait_for(proc.process.wait(), 120)
+        code = await asyncio.wait_for(child.process.wait(), 120)
     finally:
-        await proc.stop()
+        await child.stop()
     if code != 0:
-        raise RuntimeError(f"manage.py migrate exited with {code}:\n{proc.log_text()}")
+        raise RuntimeError(f"manage.py migrate exited with {code}:\n{child.log_tail()}")
 
 
-async def start_worker(
-    repo: Path, directory: Path, env: dict[str, str], name: str, track: list[Proc],
-    concurrency: int = CONCURRENCY,
-) -> Proc:
+async def start_child(
+    name: str, argv: list[str], env: dict[str, str], marker: str, track: list[Child]
+) -> Child:
+    """Start ``argv`` and wait for ``marker`` in its log. ``track`` gets the child at once, so
+    whoever stops that list stops it too, however the start ends."""
+    child = await Child.spawn(name, argv, env=env)
+    track.append(child)
+    await child.wait_for_line(marker, 30)
+    return child
+
+
+async def start_worker(env: dict[str, str], name: str, track: list[Child], concurrency: int = CONCURRENCY) -> Child:
     argv = [sys.executable, "manage.py", "runworker", "--concurrency", str(concurrency)]
-    proc = await Proc.spawn(name, argv, directory / f"{name}.log", cwd=repo, env=env, track=track)
-    await proc.wait_for_log("started (concurrency", 30)
-    return proc
+    return await start_child(name, argv, env, "started (concurrency", track)
 
 
-async def start_gateway(
-    repo: Path, directory: Path, env: dict[str, str], name: str, track: list[Proc]
-) -> Proc:
-    argv = [sys.executable, "-m", "streamcoord", "gateway", "--socket", str(directory / f"{name}.sock")]
-    proc = await Proc.spawn(name, argv, directory / f"{name}.log", cwd=repo, env=env, track=track)
-    await proc.wait_for_log("listening on", 30)
-    return proc
+async def start_gateway(directory: Path, env: dict[str, str], name: str, track: list[Child]) -> Child:
+    argv = python_argv("streamcoord", "gateway", "--socket", str(directory / f"{name}.sock"))
+    return await start_child(name, argv, env, "listening on", track)
 
 
-async def start_together(*starts: Coroutine[Any, Any, Proc]) -> list[Proc]:
+async def start_together(*starts: Coroutine[Any, Any, Child]) -> list[Child]:
     """Run several starts at once; the first failure is raised once all of them are done (the
     processes went into their ``track`` list at spawn, so the caller's cleanup stops them)."""
     results = await asyncio.gather(*starts, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return cast(list[Proc], results)
+    return cast(list[Child], results)
+
+
+async def stop_children(children: list[Child]) -> None:
+    """Stop the children we started, in reverse order of their start, each by its pid."""
+    for child in reversed(children):
+        await child.stop()
 
 
 # -- the measuring child (Django set up) ---------------------------------------------------------
@@ -155,18 +155,16 @@ class CpuMeter:
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        self.wall, self.own, self.host = time.perf_counter(), time.process_time(), host_busy_seconds()
+        self.wall, self.own, self.host = time.perf_counter(), time.process_time(), host_cpu_seconds()
         self.cpu = {name: proc_cpu_seconds(pid) for name, pid in pids.items()}
 
-    def percents(self) -> dict[str, float | None]:
+    def percents(self) -> dict[str, float]:
         wall = time.perf_counter() - self.wall
-        used: dict[str, float | None] = {"client": time.process_time() - self.own}
+        used = {"client": time.process_time() - self.own}
         for name, pid in self.pids.items():
-            now, before = proc_cpu_seconds(pid), self.cpu[name]
-            used[name] = now - before if now is not None and before is not None else None
-        ours = sum(v or 0.0 for v in used.values())
-        used["other"] = max(0.0, host_busy_seconds() - self.host - ours)
-        return {f"{k}_cpu_pct": None if v is None else 100 * v / wall for k, v in used.items()}
+            used[name] = proc_cpu_seconds(pid) - self.cpu[name]
+        used["other"] = max(0.0, host_cpu_seconds() - self.host - sum(used.values()))
+        return {f"{k}_cpu_pct": 100 * v / wall for k, v in used.items()}
 
 
 async def listeners(http: Any) -> int:
@@ -300,17 +298,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_main(args: argparse.Namespace) -> int:
-    import json
-
     import django
 
     django.setup()
     from streamcoord import runtime
 
-    result = runtime.run(measure(args))
-    json.dump(result, sys.stdout)
-    sys.stdout.flush()
-    return 0
+    return print_json(runtime.run(measure(args)))
 
 
 # -- the suite side --------------------------------------------------------------------------
@@ -326,29 +319,28 @@ async def run(ctx: Context) -> list[Row]:
     tasks = 200 if quick else 1000
     directory = ctx.workdir / SCENARIO
     directory.mkdir(parents=True, exist_ok=True)
-    repo = ctx.repo.resolve()
-    procs: list[Proc] = []
+    redis = RedisServer(directory / "redis")
+    procs: list[Child] = []
     try:
         # Every process goes into procs as it starts, so the finally stops it, however we leave.
-        redis = await start_redis(directory / "redis", procs)
-        env = project_env(directory, f"unix://{directory / 'redis' / 'redis.sock'}")
-        await migrate(repo, directory, env)
+        await redis.start()
+        env = project_env(directory, redis.url)
+        await migrate(env)
         worker, gateway = await start_together(
-            start_worker(repo, directory, env, "worker", procs),
-            start_gateway(repo, directory, {**env, "STREAMCOORD_LAZY_START": "0"}, "gw", procs),
+            start_worker(env, "worker", procs),
+            start_gateway(directory, {**env, "STREAMCOORD_LAZY_START": "0"}, "gw", procs),
         )
         argv = [
-            sys.executable, "-m", "tests.bench.scenarios.dispatch", "--child",
+            *python_argv("tests.bench.scenarios.dispatch"), "--child",
             "--gateway-socket", str(directory / "gw.sock"), "--samples", str(samples),
             "--tasks", str(tasks), "--worker-pid", str(worker.pid), "--redis-pid", str(redis.pid),
             "--gateway-pid", str(gateway.pid), "--throughput-limit", "60",
         ]
-        measured = await run_json_child(
-            "dispatch child", argv, directory / "child.log", cwd=repo, env=env,
-            seconds=CHILD_LIMIT[quick],
-        )
+        child = await Child.spawn("dispatch child", argv, report=True, env=env)
+        measured = await run_json_child(child, CHILD_LIMIT[quick])
     finally:
-        await stop_all(procs)
+        await stop_children(procs)
+        await redis.stop()
     latency, throughput = measured["latency"], measured["throughput"]
     return [
         Row(
@@ -391,10 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        return child_main(args)
-    return run_standalone(run, args.quick)
+    return scenario_main(build_parser().parse_args(argv), run, child=child_main)
 
 
 if __name__ == "__main__":

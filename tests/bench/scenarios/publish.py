@@ -37,17 +37,18 @@ import contextlib
 import csv
 import io
 import json
-import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from unittest import mock
 
+from ..procs import REPO, Child, RedisServer, clean_env, python_argv, stop_all_children, time_limit
+from ..sampler import host_cpu_seconds, proc_cpu_seconds
 from . import Context, Row
 
 SCENARIO = "publish"
@@ -59,180 +60,20 @@ CHILD_LIMIT = {True: 60.0, False: 240.0}
 BENCHMARK_LIMIT = 60.0
 
 
-# -- stand-ins for tests/bench/procs.py (to be replaced by it; dispatch and scale use these) ---
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# -- helpers dispatch and scale use too --------------------------------------------------------
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of a process so far; None once it is gone."""
+async def run_json_child(child: Child, seconds: float) -> Any:
+    """Wait for a ``report`` child that prints one JSON document on stdout, and parse it; the
+    child is stopped by its pid when ``seconds`` pass or the caller is cancelled."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-def host_busy_seconds() -> float:
-    """CPU time all cores of this machine spent busy (not idle, not waiting for I/O) so far."""
-    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLOCK_TICKS  # user..steal minus idle, iowait
-
-
-def open_log(path: Path) -> BinaryIO:
-    """A log file for a child's output (the child gets the descriptor; we close ours)."""
-    return open(path, "wb")
-
-
-def log_tail(path: Path, chars: int | None = 3000) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return text if chars is None else text[-chars:]
-
-
-def make_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-
-
-class Proc:
-    """A process this scenario started; its stdout and stderr go to a log file. Stopped by its
-    own pid only (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, name: str, process: asyncio.subprocess.Process, log: Path) -> None:
-        self.name = name
-        self.process = process
-        self.log = log
-
-    @classmethod
-    async def spawn(
-        cls,
-        name: str,
-        argv: list[str],
-        log: Path,
-        *,
-        cwd: Path,
-        env: dict[str, str] | None = None,
-        track: list[Proc] | None = None,
-    ) -> Proc:
-        """Start ``argv``. ``track`` gets the new process at once, so whoever stops that list
-        stops it too, even when the start is cancelled before it returns."""
-        with open_log(log) as out:
-            process = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        proc = cls(name, process, log)
-        if track is not None:
-            track.append(proc)
-        return proc
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process.returncode is None
-
-    def log_text(self, tail: int = 3000) -> str:
-        return log_tail(self.log, tail)
-
-    async def wait_for_log(self, marker: str, seconds: float) -> None:
-        """Until ``marker`` appears in the log. If the process exits first, ``seconds`` pass or
-        the caller is cancelled, the process is stopped (nobody else holds it yet)."""
-        deadline = time.monotonic() + seconds
-        try:
-            while marker not in log_tail(self.log, None):
-                if not self.running:
-                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name}: no {marker!r} within {seconds:g}s:\n{self.log_text()}")
-                await asyncio.sleep(0.02)
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self, grace: float = 10) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds, or at once if we are cancelled while
-        waiting (the process never outlives a cancelled cleanup)."""
-        if self.running:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), grace)
-            except TimeoutError:
-                self.kill()
-                await self.process.wait()
-            except asyncio.CancelledError:
-                self.kill()
-                raise
-
-    def kill(self) -> None:
-        if self.running:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-
-
-async def stop_all(procs: list[Proc]) -> None:
-    """Stop processes we started, in reverse order of their start, each by its pid. Cancelled
-    meanwhile, it kills the ones left at once (SIGKILL) and re-raises."""
-    for index in range(len(procs) - 1, -1, -1):
-        try:
-            await procs[index].stop()
-        except asyncio.CancelledError:
-            for proc in procs[:index]:
-                proc.kill()
-            raise
-
-
-async def start_redis(directory: Path, track: list[Proc] | None = None) -> Proc:
-    """A redis-server of our own on ``directory/redis.sock`` (``--port 0``: no TCP at all), no
-    persistence."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed")
-    make_dir(directory)
-    argv = [
-        binary, "--port", "0", "--unixsocket", str(directory / "redis.sock"),
-        "--unixsocketperm", "700", "--dir", str(directory), "--save", "", "--appendonly", "no",
-    ]
-    proc = await Proc.spawn("redis-server", argv, directory / "redis.log", cwd=directory, track=track)
-    # "Ready to accept connections" (7.x) or "The server is now ready to accept connections".
-    await proc.wait_for_log("eady to accept connections", 10)
-    return proc
-
-
-async def run_json_child(
-    name: str,
-    argv: list[str],
-    log: Path,
-    *,
-    cwd: Path,
-    env: dict[str, str] | None,
-    seconds: float,
-    pids: dict[str, int] | None = None,
-) -> Any:
-    """Run a child that prints one JSON document on stdout (stderr goes to ``log``); killed by
-    its pid when ``seconds`` pass or the caller is cancelled. Its pid goes into ``pids[name]``
-    while it runs (for CPU sampling)."""
-    with open_log(log) as err:
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=err,
-        )
-    if pids is not None:
-        pids[name] = process.pid
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), seconds)
+        async with time_limit(seconds, child.name):
+            code = await child.process.wait()
+            out = await child.report()
     finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    if process.returncode != 0:
-        raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_tail(log)}")
+        await child.stop()
+    if code != 0:
+        raise RuntimeError(f"{child.name} exited with {code}:\n{child.log_tail()}")
     return json.loads(out)
 
 
@@ -260,20 +101,19 @@ class Meter:
         self.wall = time.perf_counter()
         self.cpu = time.process_time()
         self.redis_cpu = proc_cpu_seconds(redis_pid)
-        self.host = host_busy_seconds()
+        self.host = host_cpu_seconds()
 
     def done(self, events: int) -> dict[str, Any]:
         wall = time.perf_counter() - self.wall
         cpu = time.process_time() - self.cpu
-        redis_now = proc_cpu_seconds(self.redis_pid)
-        redis_cpu = redis_now - self.redis_cpu if redis_now is not None and self.redis_cpu is not None else None
-        others = host_busy_seconds() - self.host - cpu - (redis_cpu or 0.0)
+        redis_cpu = proc_cpu_seconds(self.redis_pid) - self.redis_cpu
+        others = host_cpu_seconds() - self.host - cpu - redis_cpu
         return {
             "events": events,
             "seconds": wall,
             "events_per_s": events / wall,
             "worker_cpu_pct": 100 * cpu / wall,
-            "redis_cpu_pct": 100 * redis_cpu / wall if redis_cpu is not None else None,
+            "redis_cpu_pct": 100 * redis_cpu / wall,
             # Busy CPU of everything else on this shared machine, in % of one core.
             "other_cpu_pct": max(0.0, 100 * others / wall),
         }
@@ -426,13 +266,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "data_bytes": len(sample_data), "rounds": results}
 
 
-def child_main(args: argparse.Namespace) -> int:
-    from streamcoord import runtime
-
-    result = runtime.run(measure(args))  # uvloop, as the worker runs
+def print_json(result: Any) -> int:
+    """A child's report: one JSON document on stdout (what :func:`run_json_child` reads)."""
     json.dump(result, sys.stdout)
     sys.stdout.flush()
     return 0
+
+
+def child_main(args: argparse.Namespace) -> int:
+    from streamcoord import runtime
+
+    return print_json(runtime.run(measure(args)))  # uvloop, as the worker runs
 
 
 # -- the suite side --------------------------------------------------------------------------
@@ -486,22 +330,18 @@ async def run(ctx: Context) -> list[Row]:
     rounds = 1 if quick else 3
     directory = ctx.workdir / SCENARIO
     directory.mkdir(parents=True, exist_ok=True)
-    repo = ctx.repo.resolve()
-    redis: Proc | None = None
+    redis = RedisServer(directory / "redis")
     try:
-        redis = await start_redis(directory)
-        socket_path = directory / "redis.sock"
+        await redis.start()
+        socket_path = redis.socket
         argv = [
-            sys.executable, "-m", "tests.bench.scenarios.publish", "--child",
+            *python_argv("tests.bench.scenarios.publish"), "--child",
             "--redis-socket", str(socket_path), "--redis-pid", str(redis.pid),
             "--events", str(events), "--tasks", str(TASKS), "--per-task", str(per_task),
             "--batch", str(BATCH), "--rounds", str(rounds),
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCOORD_")}
-        measured = await run_json_child(
-            "publish child", argv, directory / "child.log", cwd=repo, env=env,
-            seconds=CHILD_LIMIT[quick],
-        )
+        child = await Child.spawn("publish child", argv, report=True, env=clean_env())
+        measured = await run_json_child(child, CHILD_LIMIT[quick])
         entry = ["epoch", "3f9a02bc", "type", "progress", "data", "x" * measured["data_bytes"]]
         bench_requests = 50_000 if quick else 200_000
         benchmarks = [
@@ -509,8 +349,7 @@ async def run(ctx: Context) -> list[Row]:
             for pipeline, requests in ((16, bench_requests), (1, bench_requests // 4))
         ]
     finally:
-        if redis is not None:
-            await redis.stop()
+        await redis.stop()
     return rows_of(measured, benchmarks, events=events, per_task=per_task)
 
 
@@ -606,10 +445,13 @@ def run_standalone(module_run: Any, quick: bool) -> int:
         assert main_task is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
-        rows: list[Row] = await module_run(ctx)
+        try:
+            rows: list[Row] = await module_run(ctx)
+        finally:
+            await stop_all_children()  # whatever a failure left running, each by its pid
         return rows
 
-    repo = Path(__file__).resolve().parents[3]
+    repo = REPO
     with tempfile.TemporaryDirectory(prefix="scbench-") as tmp:
         began = time.monotonic()
         try:
@@ -623,11 +465,17 @@ def run_standalone(module_run: Any, quick: bool) -> int:
     return 0
 
 
+def scenario_main(args: argparse.Namespace, module_run: Any, **modes: Callable[[argparse.Namespace], int]) -> int:
+    """A scenario module's command line: the first of ``modes`` whose flag is set in ``args``
+    (a child's part), else the scenario on its own."""
+    for flag, mode in modes.items():
+        if getattr(args, flag):
+            return mode(args)
+    return run_standalone(module_run, args.quick)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        return child_main(args)
-    return run_standalone(run, args.quick)
+    return scenario_main(build_parser().parse_args(argv), run, child=child_main)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import itertools
 import json
 import signal
 import sys
@@ -40,6 +39,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
+from ..procs import Child, RedisServer, python_argv
+from ..sampler import ProcSampler
+from ..sseclient import SseConnection, build_request
 from . import Context, Row
 from .dispatch import (
     migrate,
@@ -47,23 +49,15 @@ from .dispatch import (
     start_gateway,
     start_together,
     start_worker,
+    stop_children,
 )
-from .publish import (
-    Proc,
-    host_busy_seconds,
-    proc_cpu_seconds,
-    run_json_child,
-    run_standalone,
-    start_redis,
-    stop_all,
-)
+from .publish import print_json, run_json_child, scenario_main
 
 SCENARIO = "scale"
 #: Width of one latency histogram bucket, in seconds.
 BUCKET_SECONDS = 1e-4
 #: Connections the load client opens at once (the rest wait), so accept backlogs never fill.
 CONNECT_CONCURRENCY = 100
-SAMPLE_INTERVAL = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,47 +84,6 @@ SHAPES = {True: Shape(tasks=4, steps=100, delay=0.01, clients_per_task=10),
           False: Shape(tasks=20, steps=500, delay=0.01, clients_per_task=50)}
 
 
-# -- stand-in for tests/bench/procs.py: CPU sampled over time --------------------------------
-
-
-class CpuSampler:
-    """Cumulative CPU seconds of some processes (and the host's busy time, as ``host``),
-    sampled every ``SAMPLE_INTERVAL``; :meth:`percent` interpolates to any window."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.samples: dict[str, list[tuple[float, float]]] = {n: [] for n in [*pids, "host"]}
-
-    def sample(self) -> None:
-        now = time.time()
-        self.samples["host"].append((now, host_busy_seconds()))
-        for name, pid in self.pids.items():
-            cpu = proc_cpu_seconds(pid)
-            if cpu is not None:
-                self.samples[name].append((now, cpu))
-
-    async def run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(SAMPLE_INTERVAL)
-
-    def percent(self, name: str, start: float, end: float) -> float | None:
-        """Mean CPU use between two wall-clock times, in % of one core."""
-        samples = self.samples[name]
-        if len(samples) < 2 or end <= start:
-            return None
-        return round(100 * (_at(samples, end) - _at(samples, start)) / (end - start), 1)
-
-
-def _at(samples: list[tuple[float, float]], at: float) -> float:
-    if at <= samples[0][0]:
-        return samples[0][1]
-    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
-        if t0 <= at <= t1:
-            return c0 + ((at - t0) / (t1 - t0) if t1 > t0 else 0.0) * (c1 - c0)
-    return samples[-1][1]
-
-
 # -- the load client (a child process) ---------------------------------------------------------
 
 
@@ -144,80 +97,16 @@ class Tally:
     stamps: dict[bytes, float] = dataclasses.field(default_factory=dict)  # _timestamp -> epoch s
 
 
-class Watcher(asyncio.Protocol):
-    """One SSE connection: writes the GET, de-chunks the body, and checks each event's sequence
-    and latency. Parses only the ``id:`` line, the event type and ``"_timestamp"``."""
+class Watcher(SseConnection):
+    """One SSE connection (sseclient's, which writes the GET and de-chunks the body) that checks
+    each event's sequence and latency. Parses only the ``id:`` line, the event type and
+    ``"_timestamp"``."""
 
     def __init__(self, request: bytes, tally: Tally) -> None:
-        self.request = request
+        super().__init__(request)
         self.tally = tally
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.BaseTransport | None = None
-        self.status = 0
-        self.events = 0
         self.last_seq = 0
         self.gaps = 0  # events whose sequence was not the previous one plus one
-        self.completed = False
-        self.ended = False
-        self._in_head = True
-        self._raw = b""
-        self._text = b""
-        self._chunk_left = 0
-        self._skip = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        cast(asyncio.WriteTransport, transport).write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.time()
-        raw = self._raw + data if self._raw else data
-        pos = 0
-        if self._in_head:
-            end = raw.find(b"\r\n\r\n")
-            if end < 0:
-                self._raw = raw
-                return
-            self.status = int(raw[9:12])
-            if self.status != 200:
-                self._finish()
-                return
-            self._in_head = False
-            pos = end + 4
-        body = self._dechunk(raw, pos)
-        if body:
-            self._take_frames(body, now)
-        if self.ended:
-            self._finish()
-
-    def _dechunk(self, raw: bytes, pos: int) -> bytes:
-        parts = []
-        size = len(raw)
-        while pos < size:
-            if self._skip:
-                step = min(self._skip, size - pos)
-                pos += step
-                self._skip -= step
-            elif self._chunk_left:
-                step = min(self._chunk_left, size - pos)
-                parts.append(raw[pos : pos + step])
-                pos += step
-                self._chunk_left -= step
-                if not self._chunk_left:
-                    self._skip = 2
-            else:
-                eol = raw.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                chunk = int(raw[pos:eol], 16)
-                pos = eol + 2
-                if chunk == 0:
-                    self.ended = True
-                    pos = size
-                    break
-                self._chunk_left = chunk
-        self._raw = raw[pos:]
-        return b"".join(parts)
 
     def _take_frames(self, body: bytes, now: float) -> None:
         frames = (self._text + body).split(b"\n\n")
@@ -251,16 +140,6 @@ class Watcher(asyncio.Protocol):
             if frame.find(b"\nevent: complete\n", eol - 1) >= 0:
                 self.completed = True
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.ended = True
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-        if self.transport is not None:
-            self.transport.close()
-
 
 async def run_load_client(targets: list[tuple[str, str]], max_seconds: float) -> dict[str, Any]:
     """Connect to every (socket, path), receive until every stream ends (or SIGTERM, or
@@ -270,7 +149,7 @@ async def run_load_client(targets: list[tuple[str, str]], max_seconds: float) ->
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def connect(socket_path: str, path: str) -> Watcher:
-        request = f"GET {path} HTTP/1.1\r\nHost: gateway\r\nAccept: text/event-stream\r\n\r\n".encode()
+        request = build_request(path)
         async with gate:
             _, protocol = await loop.create_unix_connection(lambda: Watcher(request, tally), socket_path)
             return protocol
@@ -286,7 +165,7 @@ async def run_load_client(targets: list[tuple[str, str]], max_seconds: float) ->
     end, cpu_end = time.time(), time.process_time()
     stopped.cancel()
     for watcher in watchers:
-        watcher._finish()
+        watcher.finish()
     return {
         "connections": len(watchers),
         "connect_errors": len(targets) - len(watchers),
@@ -309,10 +188,7 @@ def client_main(args: argparse.Namespace) -> int:
     from streamcoord import runtime
 
     targets = [tuple(t) for t in json.loads(Path(args.targets).read_text())]
-    report = runtime.run(run_load_client(cast(list[tuple[str, str]], targets), args.max_seconds))
-    json.dump(report, sys.stdout)
-    sys.stdout.flush()
-    return 0
+    return print_json(runtime.run(run_load_client(cast(list[tuple[str, str]], targets), args.max_seconds)))
 
 
 # -- the driver (a child process with Django set up) -------------------------------------------
@@ -328,8 +204,7 @@ def driver_main(args: argparse.Namespace) -> int:
 
     if args.driver == "create":  # post_save records each row as pending in Redis
         rows = [ProgressTask.objects.create(steps=args.steps, delay=args.delay) for _ in range(args.tasks)]
-        json.dump([{"id": t.pk, "stream": t.stream_path} for t in rows], sys.stdout)
-        return 0
+        return print_json([{"id": t.pk, "stream": t.stream_path} for t in rows])
 
     async def start_all() -> dict[str, Any]:
         tasks = [t async for t in ProgressTask.objects.filter(pk__in=args.ids)]
@@ -337,8 +212,7 @@ def driver_main(args: argparse.Namespace) -> int:
         outcomes = await asyncio.gather(*(coordinator.start_task(t) for t in tasks))
         return {"started": sum(1 for o in outcomes if o), "at": began, "seconds": time.time() - began}
 
-    json.dump(runtime.run(start_all()), sys.stdout)
-    return 0
+    return print_json(runtime.run(start_all()))
 
 
 # -- the suite side --------------------------------------------------------------------------
@@ -371,41 +245,38 @@ async def run(ctx: Context) -> list[Row]:
     shape = SHAPES[ctx.quick]
     directory = ctx.workdir / SCENARIO
     directory.mkdir(parents=True, exist_ok=True)
-    repo = ctx.repo.resolve()
-    procs: list[Proc] = []
+    redis = RedisServer(directory / "redis")
+    procs: list[Child] = []
     http: list[httpx.AsyncClient] = []
-    sampling: asyncio.Task[None] | None = None
     client_task: asyncio.Task[Any] | None = None
     try:
         # Every process goes into procs as it starts, so the finally stops it, however we leave.
-        redis = await start_redis(directory / "redis", procs)
-        env = project_env(directory, f"unix://{directory / 'redis' / 'redis.sock'}")
-        await migrate(repo, directory, env)
+        await redis.start()
+        env = project_env(directory, redis.url)
+        await migrate(env)
         gw_env = {**env, "STREAMCOORD_LAZY_START": "0"}
         gw1, gw2, w1, w2 = await start_together(
-            start_gateway(repo, directory, gw_env, "gw1", procs),
-            start_gateway(repo, directory, gw_env, "gw2", procs),
-            start_worker(repo, directory, env, "w1", procs),
-            start_worker(repo, directory, env, "w2", procs),
+            start_gateway(directory, gw_env, "gw1", procs),
+            start_gateway(directory, gw_env, "gw2", procs),
+            start_worker(env, "w1", procs),
+            start_worker(env, "w2", procs),
         )
 
-        driver = [sys.executable, "-m", "tests.bench.scenarios.scale", "--driver"]
-        created = await run_json_child(
+        driver = [*python_argv("tests.bench.scenarios.scale"), "--driver"]
+        created = await run_json_child(await Child.spawn(
             "driver (create)", [*driver, "create", "--tasks", str(shape.tasks), "--steps",
                                 str(shape.steps), "--delay", str(shape.delay)],
-            directory / "create.log", cwd=repo, env=env, seconds=60,
-        )
+            report=True, env=env,
+        ), 60)
         sockets = [str(directory / "gw1.sock"), str(directory / "gw2.sock")]
         targets = [(sockets[i % 2], task["stream"]) for task in created for i in range(shape.clients_per_task)]
         (directory / "targets.json").write_text(json.dumps(targets))
         max_seconds = shape.task_seconds * 3 + 60
-        client_argv = [sys.executable, "-m", "tests.bench.scenarios.scale", "--client",
+        client_argv = [*python_argv("tests.bench.scenarios.scale"), "--client",
                        "--targets", str(directory / "targets.json"), "--max-seconds", str(max_seconds)]
-        child_pids: dict[str, int] = {}
-        client_task = asyncio.create_task(run_json_child(
-            "client", client_argv, directory / "client.log", cwd=repo, env=env,
-            seconds=max_seconds + 30, pids=child_pids,
-        ))
+        client = await Child.spawn("client", client_argv, report=True, env=env)
+        procs.append(client)
+        client_task = asyncio.create_task(run_json_child(client, max_seconds + 30))
         http = [httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=s), base_url="http://gateway",
                                   timeout=10) for s in sockets]
         async with asyncio.timeout(60):
@@ -416,42 +287,37 @@ async def run(ctx: Context) -> list[Row]:
                 await asyncio.sleep(0.1)
 
         pids = {"gw1": gw1.pid, "gw2": gw2.pid, "w1": w1.pid, "w2": w2.pid, "redis": redis.pid,
-                **child_pids}
-        sampler = CpuSampler(pids)
-        sampling = asyncio.create_task(sampler.run())
-        start = await run_json_child(
-            "driver (start)", [*driver, "start", "--ids", *(str(t["id"]) for t in created)],
-            directory / "start.log", cwd=repo, env=env, seconds=60,
-        )
-        report = await client_task
-        sampler.sample()
+                "client": client.pid}
+        sampler = ProcSampler(pids)
+        async with sampler.running():
+            start = await run_json_child(await Child.spawn(
+                "driver (start)", [*driver, "start", "--ids", *(str(t["id"]) for t in created)],
+                report=True, env=env,
+            ), 60)
+            report = await client_task
     finally:
         try:
-            # Cancelled helpers are awaited with wait(), which lets a cancellation of this
-            # coroutine through (suppressing CancelledError around them would swallow it).
-            helpers = [t for t in (client_task, sampling) if t is not None]
-            for helper in helpers:
-                helper.cancel()  # the load client's child is killed by pid on the way out
-            if helpers:
-                await asyncio.wait(helpers)
-            for helper in helpers:
-                if not helper.cancelled():
-                    helper.exception()  # retrieved: its error, if any, was raised above
-            for client in http:
-                await client.aclose()
+            # A cancelled helper is awaited with wait(), which lets a cancellation of this
+            # coroutine through (suppressing CancelledError around it would swallow it).
+            if client_task is not None:
+                client_task.cancel()  # it stops the load client's child by pid on the way out
+                await asyncio.wait([client_task])
+                if not client_task.cancelled():
+                    client_task.exception()  # retrieved: its error, if any, was raised above
+            for http_client in http:
+                await http_client.aclose()
         finally:
-            await stop_all(procs)
+            await stop_children(procs)
+            await redis.stop()
     return [summarize(shape, report, start, sampler)]
 
 
-def summarize(shape: Shape, report: dict[str, Any], start: dict[str, Any], sampler: CpuSampler) -> Row:
+def summarize(shape: Shape, report: dict[str, Any], start: dict[str, Any], sampler: ProcSampler) -> Row:
     histogram = {int(k): v for k, v in report["latency_histogram"].items()}
     expected = shape.events_per_task * shape.clients
     first, last = report["first_delivery"], report["last_delivery"]
     window = max(last - first, 1e-9)
-    cpu = {f"{name}_cpu_pct": sampler.percent(name, first, last) for name in sampler.pids}
-    ours = sum(v or 0.0 for v in cpu.values())
-    host = sampler.percent("host", first, last)
+    cpu = {f"{name}_cpu_pct": sampler.cpu_percent(name, first, last) for name in sampler.pids}
     metrics: dict[str, Any] = {
         "deliveries_per_s": round(report["events"] / window, 1),
         "events_per_s": round(shape.events_per_task * shape.tasks / window, 1),
@@ -468,7 +334,7 @@ def summarize(shape: Shape, report: dict[str, Any], start: dict[str, Any], sampl
         "p99_ms": percentile_ms(histogram, 0.99),
         "max_ms": percentile_ms(histogram, 1.0),
         **cpu,
-        "other_cpu_pct": None if host is None else round(max(0.0, host - ours), 1),
+        "other_cpu_pct": sampler.others_cpu_percent(first, last),
     }
     gap_free = report["gap_free"] == shape.clients and not report["connect_errors"]
     return Row(
@@ -503,12 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.client:
-        return client_main(args)
-    if args.driver:
-        return driver_main(args)
-    return run_standalone(run, args.quick)
+    return scenario_main(build_parser().parse_args(argv), run, client=client_main, driver=driver_main)
 
 
 if __name__ == "__main__":
