@@ -96,15 +96,5 @@ def project(tmp_path: Path, redis_server: RedisServer, redis: Redis) -> Iterator
     Processes started with ``project.start``/``gateway``/``worker`` are stopped afterwards."""
     setup = Project(tmp_path, redis_server.url)
     setup.manage("migrate", "--noinput", "-v", "0")
-    started: list[Gateway] = []
-    original_start = setup.start
-
-    def start(name: str, *args: str, ready: str, **settings: object) -> Gateway:
-        handle = original_start(name, *args, ready=ready, **settings)
-        started.append(handle)
-        return handle
-
-    setup.start = start  # type: ignore[method-assign]
     yield setup
-    for handle in started:
-        handle.stop()
+    setup.stop_all()

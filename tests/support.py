@@ -269,6 +269,13 @@ class Project:
 
     directory: Path
     redis_url: str = ""
+    #: Every process ``start`` launched, for ``stop_all``.
+    started: list[Gateway] = field(default_factory=list)
+
+    def stop_all(self) -> None:
+        """Stop every process this project started, by pid."""
+        for handle in self.started:
+            handle.stop()
 
     @property
     def db(self) -> Path:
@@ -307,6 +314,7 @@ class Project:
                 stdout=out, stderr=subprocess.STDOUT,
             )
         handle = Gateway(self.directory / f"{name}.sock", process, log)
+        self.started.append(handle)
 
         def started() -> bool:
             if ready in handle.log_text():

@@ -363,20 +363,10 @@ def project_on(directory: Path, redis_url: str) -> Iterator[Project]:
     directory.mkdir(parents=True, exist_ok=True)
     project = Project(directory, redis_url)
     project.manage("migrate", "--noinput", "-v", "0")
-    started: list[Gateway] = []
-    original = project.start
-
-    def start(name: str, *args: str, ready: str, **settings: Any) -> Gateway:
-        handle = original(name, *args, ready=ready, **settings)
-        started.append(handle)
-        return handle
-
-    project.start = start  # type: ignore[method-assign]
     try:
         yield project
     finally:
-        for handle in started:
-            handle.stop()
+        project.stop_all()
 
 
 async def gateway_stats(gateway: Gateway) -> dict[str, Any]:

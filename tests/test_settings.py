@@ -137,7 +137,7 @@ def test_from_mapping_validates() -> None:
 
 @pytest.mark.parametrize(
     ("url", "embedded"),
-    [("", True), ("redis://localhost:6379/0", False), ("unix:///tmp/r.sock", False)],
+    [("", True), ("redis://redis-host:6379/0", False), ("unix:///tmp/r.sock", False)],
 )
 def test_embedded(url: str, embedded: bool) -> None:
     assert Settings(redis_url=url).embedded is embedded
