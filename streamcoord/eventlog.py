@@ -101,9 +101,13 @@ class EventLog:
         when the task sent its terminal event itself."""
         await self.redis.hset(self.keys.state(ref), "final_value", json.dumps(value))
 
-    async def read(self, ref: TaskRef, after: int = 0, count: int | None = None) -> list[Event]:
-        """Events with a sequence above ``after``, oldest first (at most ``count``)."""
-        entries: Any = await self.redis.xrange(self.keys.events(ref), f"({after}-0", "+", count=count)
+    async def read(
+        self, ref: TaskRef, after: int = 0, before: int | None = None, count: int | None = None
+    ) -> list[Event]:
+        """Events with a sequence above ``after`` (and below ``before``), oldest first, at most
+        ``count``."""
+        high = f"({before}-0" if before is not None else "+"
+        entries: Any = await self.redis.xrange(self.keys.events(ref), f"({after}-0", high, count=count)
         return [decode_entry(entry_id, fields) for entry_id, fields in entries]
 
 
@@ -191,15 +195,15 @@ class TaskWriter:
     async def _submit_until_answered(self, seq: int, event_type: str, data: bytes, terminal: str, final: str) -> list[Any]:
         """Submit one append, re-sending it (same number: never written twice) while Redis is
         unreachable, for up to ``send_retry_seconds``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.log.settings.send_retry_seconds
-        delay = 0.05
+        deadline, delay = 0.0, 0.05  # the clock is read only once an append has failed
         while True:
             try:
                 return await self._submit(seq, event_type, data, terminal, final)
             except (RedisConnectionError, RedisTimeoutError, ClusterError, OSError) as exc:
                 # (ClusterError: redirections ran out while slots move between nodes.)
-                if loop.time() + delay > deadline:
+                now = asyncio.get_running_loop().time()
+                deadline = deadline or now + self.log.settings.send_retry_seconds
+                if now + delay > deadline:
                     self._resync = True
                     raise
                 log.warning("append to %s failed (%s); retrying in %.2fs", self.ref, exc, delay)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from . import sse
 from .codec import Event, decode_entry
@@ -108,9 +107,7 @@ class Feed:
         return sse.encode_event(json.dumps(data, separators=(",", ":")).encode(), event=b"reset")
 
     async def _read(self, after: int, before: int | None = None) -> list[Event]:
-        high = f"({before}-0" if before is not None else "+"
-        entries: Any = await self.log.redis.xrange(self._key, f"({after}-0", high, count=HISTORY_PAGE)
-        return [decode_entry(i, f) for i, f in entries]
+        return await self.log.read(self.ref, after, before, count=HISTORY_PAGE)
 
     def _accept(self, events: list[Event], out: list[bytes]) -> bool:
         """Append the frames of ``events`` not sent yet; True once the terminal event is out."""

@@ -130,7 +130,6 @@ class StartOutcome:
 class Job:
     entry_id: str
     ref: TaskRef
-    deliveries: int = 1
 
 
 def _now() -> str:
@@ -259,9 +258,6 @@ class JobQueue:
                 self.keys.worker_control(worker_id), {"cancel": ref.label}, maxlen=1000, approximate=True
             )
         return state, worker_id
-
-    async def is_running(self, ref: TaskRef) -> bool:
-        return await self.redis.hget(self.keys.state(ref), "state") == b"running"
 
 
 def _text(value: Any) -> str:

@@ -7,7 +7,6 @@ and every process is stopped by the pid we started.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,15 +246,6 @@ async def sse_get(socket_path: Path, path: str, headers: dict[str, str] | None =
 def gateway_redis_connections(client_list: list[dict[str, Any]], pid: int) -> int:
     """Connections a gateway process holds, by the client names streamcoord gives them."""
     return sum(1 for c in client_list if c.get("name", "").endswith(f":{pid}"))
-
-
-@contextlib.contextmanager
-def gateway_process(directory: Path, redis_url: str, name: str = "gw", **settings: Any) -> Iterator[Gateway]:
-    gateway = start_gateway(directory, redis_url, name, **settings)
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
 
 
 # -- Django-side processes: manage.py commands against a database file of the test's own -----
