@@ -35,16 +35,19 @@ from streamcoord.keys import KeySpace, TaskRef
 
 from .redistopo import HOST, Cluster
 from .support import Gateway, RawSSE, SSEEvent, gateway_redis_connections
-from .test_distributed import assert_gap_free, create_tasks_streamed, logs, worker_id
-from .test_faults import (
+from .workload import (
     Follower,
+    assert_gap_free,
+    create_tasks_streamed,
     delivery_problems,
     gateway_stats,
+    logs,
     project_on,
     row,
     stream,
     stream_path,
     until,
+    worker_id,
 )
 
 KEYS = KeySpace("sc")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -21,10 +20,16 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from .support import REPO, Gateway, Project, RawSSE, SSEEvent
-
-TERMINAL = {"complete", "error", "cancelled"}
-
+from .support import Gateway, Project, RawSSE, SSEEvent
+from .workload import (
+    assert_gap_free,
+    create_tasks_streamed,
+    logs,
+    set_continue,
+    shell,
+    triples,
+    worker_id,
+)
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -81,26 +86,6 @@ async def until_end(client: RawSSE, within: float = 30, what: str = "") -> list[
         raise AssertionError(f"stream {what} did not end within {within}s") from None
 
 
-def triples(events: list[SSEEvent]) -> list[tuple[str | None, str, str]]:
-    return [(e.id, e.event, e.data) for e in events]
-
-
-def assert_gap_free(events: list[SSEEvent], what: str) -> None:
-    """Ids ``<epoch>-1 .. <epoch>-N`` in order, one epoch, exactly one terminal event, last."""
-    assert events, f"{what}: no events"
-    assert [e.seq for e in events] == list(range(1, len(events) + 1)), f"{what}: {[e.id for e in events]}"
-    assert len({e.id.rsplit("-", 1)[0] for e in events if e.id}) == 1, f"{what}: several epochs"
-    terminals = [e.event for e in events if e.event in TERMINAL]
-    assert len(terminals) == 1 and events[-1].event in TERMINAL, f"{what}: terminal events {terminals}"
-
-
-def shell(project: Project, code: str) -> str:
-    """``manage.py shell -c`` in a fresh process; the last line of its stdout (Django 5.2's
-    shell may print a line about automatic imports first)."""
-    out = project.manage("shell", "-c", code).strip()
-    return out.splitlines()[-1] if out else ""
-
-
 def rows(project: Project, model: str) -> dict[int, dict[str, Any]]:
     """The task rows as a new process sees them in the database."""
     out = shell(project, (
@@ -115,52 +100,6 @@ def http(gateway: Gateway) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket)), base_url="http://gateway", timeout=10
     )
-
-
-def worker_id(handle: Gateway) -> str:
-    """A worker's id, from the ``worker <id> started`` line of its log."""
-    match = re.search(r"worker (\S+) started", handle.log_text())
-    assert match, handle.log_text()
-    return match.group(1)
-
-
-async def create_tasks_streamed(project: Project, count: int, model: str, *fields: str) -> AsyncIterator[dict[str, Any]]:
-    """Run ``create_task <model> --set ... --start`` ``count`` times in ONE process (a
-    ``manage.py shell`` calling the command: one interpreter start instead of ``count``), and
-    yield each task's JSON line as soon as the command printed it, so clients can connect
-    while the task runs."""
-    args = [model, *(f"--set={f}" for f in fields), "--start"]
-    code = (
-        "from django.core.management import call_command\n"
-        f"for _ in range({count}):\n"
-        f"    call_command('create_task', *{args!r})\n"
-    )
-    env = {**project.env(), "PYTHONUNBUFFERED": "1"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "manage.py", "shell", "-c", code, cwd=REPO, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    other: list[bytes] = []  # log lines, and Django's shell's own line about imports
-    try:
-        for _ in range(count):
-            while True:
-                line = await asyncio.wait_for(process.stdout.readline(), 30)
-                assert line, f"create_task stopped early:\n{b''.join(other).decode(errors='replace')}"
-                if line.startswith(b"{"):
-                    break
-                other.append(line)
-            yield json.loads(line)
-        other.append(await asyncio.wait_for(process.stdout.read(), 30))
-        assert await asyncio.wait_for(process.wait(), 30) == 0, b"".join(other).decode(errors="replace")
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-def logs(*handles: Gateway) -> str:
-    return "\n".join(f"--- {h.log.name}\n{h.log_text()[-3000:]}" for h in handles)
 
 
 # -- 1-3: many tasks, two gateways, two workers ----------------------------------------------
@@ -256,15 +195,6 @@ def start_twice(project: Project, model: str, pk: int) -> list[Any]:
         "print(json.dumps([bool(first), first.state, bool(second), second.state, second.describe()]))"
     ))
     return json.loads(out)  # type: ignore[no-any-return]
-
-
-def set_continue(project: Project, pk: int) -> None:
-    """Flip ContinueTask's field from another process, as the predecessor's tests did."""
-    updated = shell(project, (
-        "from django_app.examples.models import ContinueTask\n"
-        f"print(ContinueTask.objects.filter(pk={pk}).update(continue_field=True))"
-    ))
-    assert updated == "1", updated
 
 
 async def test_is_task_running_is_true_while_a_worker_runs_it_then_false(r: Redis, project: Project) -> None:

@@ -43,7 +43,7 @@ import pytest
 from redis.asyncio import Redis
 
 from .support import REPO, Project, RawSSE, SSEEvent, wait_for
-from .test_distributed import assert_gap_free, create_tasks_streamed, set_continue, triples
+from .workload import assert_gap_free, create_tasks_streamed, set_continue, triples
 
 CONF = REPO / "deploy" / "nginx" / "streamcoord.conf"
 UPSTREAM = "streamcoord_gateways"

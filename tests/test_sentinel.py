@@ -29,14 +29,14 @@ from redis.asyncio import Redis
 
 from .redistopo import HOST, Node, SentinelGroup
 from .support import Gateway
-from .test_distributed import logs
-from .test_faults import (
+from .workload import (
     Follower,
     as_received,
     as_sent,
     create_tasks,
     delivery_problems,
     gateway_stats,
+    logs,
     payload,
     project_on,
     row,
