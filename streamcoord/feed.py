@@ -1,30 +1,52 @@
 """One client's view of a task: retained history, then live events, exactly once each.
 
-:meth:`Feed.open` reads the task's state and the first page of history in one round trip and
-decides where the client starts; iterating the feed yields ready-to-write SSE chunks until the
-terminal event. The hub may hand over events the client already has (skipped by sequence) or
-start past the client (the gap is read from Redis), so nothing is lost and nothing is sent twice.
+:meth:`Feed.open` decides where the client starts. When the hub follows the stream and its
+window of recent frames covers the client's position, the feed starts from memory, with no
+Redis read at all. Otherwise it reads the task's state and the tail of its stream in one round
+trip, shared with every feed of the same stream opening at that moment (a reconnect storm
+costs one read). Iterating the feed yields ready-to-write SSE chunks until the terminal event.
+The hub may hand over events the client already has (skipped by sequence) or start past the
+client (the gap is read from Redis), so nothing is lost and nothing is sent twice.
 
 When the client's Last-Event-ID points at history that no longer exists (another epoch, a
 trimmed range, a position past the end) the feed sends ``event: reset`` with the reason, then
-everything retained.
+everything retained. A shared read may be older than the client's id, so such a verdict is only
+given on a read of the feed's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 from . import sse
-from .codec import Event, decode_entry
+from .codec import Frame, decode_entry
 from .errors import UnknownTask
 from .eventlog import EventLog, TaskState
-from .hub import Frame, Hub, Listener
+from .hub import Hub, Listener
 from .ids import EventId
 from .keys import TaskRef
 
 HISTORY_PAGE = 1000
+
+
+class Snapshot(NamedTuple):
+    """A task's state record and the latest frames of its stream, read in one round trip."""
+
+    state: TaskState | None
+    tail: list[Frame]  # oldest first
+
+
+async def read_snapshot(log: EventLog, ref: TaskRef) -> Snapshot:
+    pipe = log.redis.pipeline(transaction=False)
+    pipe.hgetall(log.keys.state(ref))
+    pipe.xrevrange(log.keys.events(ref), "+", "-", count=max(log.settings.window_events, 1))
+    raw_state, entries = await pipe.execute()  # bytes: clients never decode replies
+    tail = [decode_entry(entry_id, fields).to_frame() for entry_id, fields in reversed(entries)]
+    return Snapshot(TaskState.from_hash(raw_state), tail)
 
 
 class Feed:
@@ -40,34 +62,60 @@ class Feed:
         self._epoch = state.epoch.encode() if state and state.epoch else b""
         self._last = 0  # sequence of the last event sent (or skipped over by the client's choice)
         self._pending: list[bytes] = []  # frames decided at open time, sent first
-        self._first_page: list[Event] = []
+        self._first: list[Frame] = []  # history to send first
+        self._tail: list[Frame] = []  # the snapshot's tail: where history reading ends
         self.ended = False  # the client already has the terminal event: nothing to send
 
     @classmethod
     async def open(
         cls, log: EventLog, hub: Hub, ref: TaskRef, *, last_id: EventId | None = None, latest: bool = False
     ) -> Feed:
-        """Read the task's state and first history page; raise :class:`UnknownTask` if the task
-        has neither."""
-        after = last_id.seq if last_id else 0
-        pipe = log.redis.pipeline(transaction=False)
-        pipe.hgetall(log.keys.state(ref))
-        if latest and not last_id:
-            pipe.xrevrange(log.keys.events(ref), "+", "-", count=1)
-        else:
-            pipe.xrange(log.keys.events(ref), f"({after}-0", "+", count=HISTORY_PAGE)
-        raw_state, entries = await pipe.execute()  # bytes: clients never decode replies
-        state = TaskState.from_hash(raw_state)
-        page = [decode_entry(i, f) for i, f in entries]
-        if state is None and not page:
-            raise UnknownTask(f"no task {ref}")
-        feed = cls(log, hub, ref, state)
-        await feed._position(last_id, after, page)
+        """Decide where the client starts; raise :class:`UnknownTask` if the task has neither
+        a state record nor events."""
+        key = log.keys.events(ref)
+        attached = hub.attach(key, last_id, latest)
+        if attached is not None:
+            return cls._attached(log, hub, ref, last_id, *attached)
+        snapshot, shared = await hub.history_reads.run(key, functools.partial(read_snapshot, log, ref))
+        hub.stats["history_shared" if shared else "history_reads"] += 1
+        feed = cls(log, hub, ref, snapshot.state)
+        if not await feed._position(last_id, latest, snapshot, trusted=not shared):
+            hub.stats["history_reads"] += 1
+            snapshot = await read_snapshot(log, ref)
+            feed = cls(log, hub, ref, snapshot.state)
+            await feed._position(last_id, latest, snapshot, trusted=True)
         return feed
 
-    async def _position(self, last_id: EventId | None, after: int, page: list[Event]) -> None:
-        state = self.state
+    @classmethod
+    def _attached(
+        cls, log: EventLog, hub: Hub, ref: TaskRef, last_id: EventId | None, listener: Listener,
+        frames: list[Frame],
+    ) -> Feed:
+        """A feed that starts from the hub's window, already listening."""
+        feed = cls(log, hub, ref, None)
+        feed.listener, feed._first = listener, frames
+        if last_id is not None:
+            feed._last, feed._epoch = last_id.seq, last_id.epoch.encode()
+        elif frames:
+            feed._last, feed._epoch = frames[0].seq - 1, frames[0].epoch
+        return feed
+
+    async def _position(
+        self, last_id: EventId | None, latest: bool, snapshot: Snapshot, *, trusted: bool
+    ) -> bool:
+        """Place the feed from ``snapshot``; False when an untrusted (shared) snapshot would
+        end in a verdict (unknown task, reset) that a read of our own must confirm."""
+        state, self._tail = snapshot
+        if state is None and not snapshot.tail:
+            if not trusted:
+                return False
+            raise UnknownTask(f"no task {self.ref}")
         last_seq = state.last_seq if state else 0
+        after = last_id.seq if last_id else 0
+        if latest and not last_id:
+            page = self._tail[-1:]
+        else:
+            page = await self._history(after)
         if last_id is not None:
             reason = ""
             if not self._epoch or last_id.epoch.encode() != self._epoch:
@@ -78,10 +126,12 @@ class Feed:
                 reason = "trimmed"
             elif state is not None and state.ended and after == last_seq:
                 self.ended = True
-                return
+                return True
             if reason:
+                if not trusted:
+                    return False
                 self._pending.append(self._reset(reason))
-                page = await self._read(0)
+                page = await self._history(0)
                 after = 0
         if not page and state is not None and state.ended and state.end_data:
             # The stream expired but the state record kept the outcome: say so, then send it.
@@ -92,9 +142,18 @@ class Feed:
                                  id=b"%s-%d" % (self._epoch, last_seq))
             )
             self.ended = True
-            return
-        self._first_page = page
+            return True
+        self._first = page
         self._last = page[0].seq - 1 if page else after
+        return True
+
+    async def _history(self, after: int) -> list[Frame]:
+        """The first frames after ``after``: from the snapshot's tail when it reaches back that
+        far, else a page from Redis (the tail, when that range was trimmed away)."""
+        tail = self._tail
+        if not tail or after >= tail[0].seq - 1:
+            return tail[max(after + 1 - tail[0].seq, 0):] if tail else []
+        return await self._read(after, tail[0].seq) or tail
 
     def _reset(self, reason: str) -> bytes:
         data = {
@@ -106,18 +165,19 @@ class Feed:
         }
         return sse.encode_event(json.dumps(data, separators=(",", ":")).encode(), event=b"reset")
 
-    async def _read(self, after: int, before: int | None = None) -> list[Event]:
-        return await self.log.read(self.ref, after, before, count=HISTORY_PAGE)
+    async def _read(self, after: int, before: int | None = None) -> list[Frame]:
+        events = await self.log.read(self.ref, after, before, count=HISTORY_PAGE)
+        return [event.to_frame() for event in events]
 
-    def _accept(self, events: list[Event], out: list[bytes]) -> bool:
-        """Append the frames of ``events`` not sent yet; True once the terminal event is out."""
-        for event in events:
-            if event.seq <= self._last:
+    def _accept(self, frames: list[Frame], out: list[bytes]) -> bool:
+        """Append the frames not sent yet; True once the terminal event is out."""
+        for frame in frames:
+            if frame.seq <= self._last:
                 continue
-            out.append(event.frame())
-            self._last = event.seq
-            self._epoch = event.epoch
-            if event.terminal:
+            out.append(frame.data)
+            self._last = frame.seq
+            self._epoch = frame.epoch
+            if frame.terminal:
                 return True
         return False
 
@@ -128,28 +188,44 @@ class Feed:
             if out:
                 yield b"".join(out)
             return
-        page = self._first_page
-        while True:  # history, a page at a time
-            if self._accept(page, out):
+        if self.listener is not None:  # attached: the window's frames reach the hub's position
+            self.listener.task = asyncio.current_task()
+            if self._accept(self._first, out):
                 yield b"".join(out)
                 return
-            if out:
+        else:
+            async for page in self._pages():
+                if self._accept(page, out):
+                    yield b"".join(out)
+                    return
+                if len(out) >= HISTORY_PAGE:
+                    yield b"".join(out)
+                    out = []
+            seen = self._tail if self._tail and self._tail[-1].seq == self._last else ()
+            self.listener, hub_cursor = self.hub.subscribe(self._key, self._last, self._epoch, seen)
+            # The hub cancels the task writing this feed if its client falls too far behind.
+            self.listener.task = asyncio.current_task()
+            # When the hub already read past us for earlier listeners, fetch the difference.
+            if hub_cursor > self._last and await self._catch_up(hub_cursor + 1, out):
                 yield b"".join(out)
-                out = []
-            if len(page) < HISTORY_PAGE:
-                break
-            page = await self._read(self._last)
-        self.listener, hub_cursor = self.hub.subscribe(self._key, self._last, self._epoch)
-        # The hub cancels the task writing this feed if its client falls too far behind.
-        self.listener.task = asyncio.current_task()
-        # When the hub already read past us for earlier listeners, fetch the difference ourselves.
-        if hub_cursor > self._last and await self._catch_up(hub_cursor + 1, out):
-            yield b"".join(out)
-            return
+                return
         if out:  # what we caught up on goes out now, not with the next live event
             yield b"".join(out)
         async for chunk in self._live():
             yield chunk
+
+    async def _pages(self) -> AsyncIterator[list[Frame]]:
+        """History from the first page on: pages from Redis up to the tail, then the tail."""
+        yield self._first
+        tail = self._tail
+        if not tail:
+            return
+        while self._last < tail[0].seq - 1:
+            page = await self._read(self._last, tail[0].seq)
+            if not page:
+                break  # trimmed away under us: the tail goes on from where the stream does
+            yield page
+        yield tail[max(self._last + 1 - tail[0].seq, 0):]
 
     async def _catch_up(self, before: int, out: list[bytes]) -> bool:
         while self._last < before - 1:

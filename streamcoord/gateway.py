@@ -163,6 +163,13 @@ class Gateway:
             feed = await Feed.open(self.log, self.hub, ref, last_id=resume, latest=replay == "latest")
         except UnknownTask:
             return text(404, f"unknown task {ref}")
+        try:
+            return await self._serve(request, feed)
+        finally:
+            feed.close()  # a feed may listen from the start (attached to the hub's window)
+
+    async def _serve(self, request: HttpRequest, feed: Feed) -> Response | None:
+        ref = feed.ref
         if feed.state is not None and feed.state.state == "pending" and self.settings.lazy_start:
             # The predecessor's lazy start: the first client of a created task starts it. The
             # start is one atomic step, so clients racing through any gateways start it once.

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
@@ -30,9 +31,12 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from . import sse
-from .codec import decode_entry
+from .codec import Frame, decode_entry
+from .flight import SingleFlight
+from .ids import EventId
 from .keys import KeySpace
 from .settings import Settings
+from .window import Window
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +47,6 @@ REVALIDATE_SECONDS = 30.0
 #: Cluster polling: the pause after a round that read nothing (the added latency, at most).
 POLL_SECONDS = 0.01
 WAKE_TTL_SECONDS = 24 * 3600
-
-
-class Frame(NamedTuple):
-    """One encoded event."""
-
-    seq: int
-    epoch: bytes
-    terminal: bool
-    data: bytes
 
 
 class Batch(NamedTuple):
@@ -137,12 +132,14 @@ class Listener:
 
 
 class _Stream:
-    __slots__ = ("cursor", "epoch", "listeners")
+    __slots__ = ("cursor", "epoch", "listeners", "window")
 
-    def __init__(self, cursor: int) -> None:
+    def __init__(self, cursor: int, window: Window) -> None:
         self.cursor = cursor
         self.epoch = b""  # of the last entry read; b"" until one was
         self.listeners: set[Listener] = set()
+        #: The latest frames read, ending at ``cursor`` (or empty).
+        self.window = window
 
 
 class Hub:
@@ -164,26 +161,60 @@ class Hub:
         self._streams: dict[bytes, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: collections.Counter[str] = collections.Counter()
+        #: Feeds opening the same stream at once share one read of its state and tail.
+        self.history_reads: SingleFlight[str, Any] = SingleFlight()
 
     # -- listeners ---------------------------------------------------------------------------
 
-    def subscribe(self, key: str, after: int, epoch: bytes = b"") -> tuple[Listener, int]:
+    def subscribe(
+        self, key: str, after: int, epoch: bytes = b"", seen: Sequence[Frame] = ()
+    ) -> tuple[Listener, int]:
         """Listen to ``key`` from sequence ``after`` (of ``epoch``, when the caller knows it) on.
 
         Returns the listener and the hub's own position in that stream. When the hub is already
         past ``after``, the caller must read the events in between from Redis itself; events at
-        or below the caller's position may still arrive and are the caller's to skip.
+        or below the caller's position may still arrive and are the caller's to skip. ``seen``:
+        frames the caller read up to ``after``, which start the window of a stream new here.
         """
         bkey = key.encode()
         stream = self._streams.get(bkey)
         if stream is None:
-            stream = self._streams[bkey] = _Stream(after)
+            window = Window(self._settings.window_events)
+            if seen and seen[-1].seq == after:
+                window.extend(seen[-window.limit:])
+            stream = self._streams[bkey] = _Stream(after, window)
             stream.epoch = epoch  # so a stream created anew is noticed even before an entry
             self._wake()
+        return self._listen(stream, bkey), stream.cursor
+
+    def attach(self, key: str, last_id: EventId | None, latest: bool = False) -> tuple[Listener, list[Frame]] | None:
+        """Listen to a followed stream whose window holds everything the client lacks.
+
+        Returns the listener and the frames to send first (history up to the hub's position),
+        or None when the window cannot tell (not followed, not covered, or ended: then the
+        caller reads Redis). Nothing is awaited, so nothing can arrive in between.
+        """
+        bkey = key.encode()
+        stream = self._streams.get(bkey)
+        if stream is None or stream.window.last != stream.cursor or stream.window.ended:
+            return None
+        window = stream.window
+        if last_id is not None:
+            frames = window.after(last_id.seq, last_id.epoch.encode())
+        elif latest:
+            frames = window.frames[-1:] or None
+        else:
+            frames = window.after(0, window.epoch)
+        if frames is None:
+            return None
+        self.stats["window_hits"] += 1
+        return self._listen(stream, bkey), frames
+
+    def _listen(self, stream: _Stream, bkey: bytes) -> Listener:
         listener = Listener(bkey, self._settings.client_queue_size)
         stream.listeners.add(listener)
         self.stats["subscribed"] += 1
-        return listener, stream.cursor
+        return listener
 
     def unsubscribe(self, listener: Listener) -> None:
         listener.close("unsubscribed")
@@ -330,11 +361,9 @@ class Hub:
         stream = self._streams.get(key)
         if stream is None:  # the last listener left while the read was in flight
             return
-        frames = []
-        for entry_id, fields in entries:
-            event = decode_entry(entry_id, fields)
-            frames.append(Frame(event.seq, event.epoch, event.terminal, event.frame()))
+        frames = [decode_entry(entry_id, fields).to_frame() for entry_id, fields in entries]
         stream.cursor, stream.epoch = frames[-1].seq, frames[-1].epoch
+        stream.window.extend(frames)
         batch = make_batch(frames)
         for listener in stream.listeners:
             listener.push(batch)
@@ -357,6 +386,7 @@ class Hub:
             if renewed or int(last_seq or 0) < stream.cursor:
                 log.info("stream %s lost events in Redis; reading it from its start", key.decode())
                 stream.cursor, stream.epoch = 0, b""
+                stream.window.clear()
                 self.stats["rewinds"] += 1
                 for listener in stream.listeners:
                     listener.push(REWIND)

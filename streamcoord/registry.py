@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from .flight import SingleFlight
 from .keys import KeySpace
 
 #: Marks a bare model name that two apps share.
@@ -46,18 +47,22 @@ class ModelRegistry:
         self._keys = keys
         self._known: dict[bytes, bytes] = {}
         self._refreshed = float("-inf")
+        self._refresh = SingleFlight[str, None]()  # clients arriving together read it once
 
     async def resolve(self, app_label: str | None, model: str) -> tuple[str, str] | None:
         """``(app_label, ModelName)`` as registered, or None for an unknown or ambiguous name."""
         name = (f"{app_label}.{model}" if app_label else model).lower().encode()
         age = time.monotonic() - self._refreshed
         canonical = self._known.get(name) if age < MAX_AGE_SECONDS else None
-        if canonical is None and age > REFRESH_SECONDS:
-            known: Any = await self._redis.hgetall(self._keys.models())
-            self._known = known
-            self._refreshed = time.monotonic()
+        if canonical is None and (age > REFRESH_SECONDS or self._refresh.in_flight("models")):
+            await self._refresh.run("models", self._read)
             canonical = self._known.get(name)
         if not canonical:
             return None
         app, _, resolved = canonical.decode().partition(".")
         return app, resolved
+
+    async def _read(self) -> None:
+        known: Any = await self._redis.hgetall(self._keys.models())
+        self._known = known
+        self._refreshed = time.monotonic()

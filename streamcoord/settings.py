@@ -16,6 +16,7 @@ from .errors import ConfigurationError
 
 ENV_PREFIX = "STREAMCOORD_"
 _TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_ZERO_ALLOWED = frozenset({"retry_ms", "window_events"})
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -43,6 +44,10 @@ class Settings:
     #: Frames a client may leave untaken before the gateway disconnects it for not keeping up
     #: (the client resumes from Redis with Last-Event-ID). Checked per batch of events read.
     client_queue_size: int = 1000
+    #: Latest events of each followed stream a gateway keeps encoded in memory: a client that
+    #: joins or resumes within them is served without reading Redis. Costs up to twice this
+    #: many frames per stream with listeners in the process; 0 turns the window off.
+    window_events: int = 500
     #: Reconnect delay suggested to clients in the SSE ``retry:`` field, in milliseconds.
     retry_ms: int = 2000
     #: How long the gateway's single reader blocks in XREAD, in milliseconds. Must stay below
@@ -74,7 +79,7 @@ class Settings:
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ConfigurationError(f"{field.name} must be a {field.type}, not {value!r}")
             number = float(getattr(self, field.name)) if field.type not in ("str", "bool") else 1.0
-            if not (number > 0 or (field.name == "retry_ms" and number == 0)):  # NaN fails too
+            if not (number > 0 or (field.name in _ZERO_ALLOWED and number == 0)):  # NaN fails too
                 raise ConfigurationError(f"{field.name} must be a positive number, not {value!r}")
         if self.block_ms / 1000 >= self.redis_socket_timeout:
             raise ConfigurationError(

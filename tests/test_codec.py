@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from streamcoord import sse
 from streamcoord.codec import DataEncoder, Event, decode_entry
 from streamcoord.errors import (
     EventRejected,
@@ -206,3 +207,24 @@ def test_frame_of_encoded_data_round_trips() -> None:
 def test_terminal(event_type: bytes, terminal: bool) -> None:
     event = decode_entry(b"1-0", {**ENTRY, b"type": event_type})
     assert event.terminal is terminal
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ENTRY,
+        {b"epoch": b"e", b"type": b"progress", b"data": b"line one\nline two\r\nthree"},
+        {b"epoch": b"e", b"type": b"complete", b"data": b""},
+    ],
+)
+def test_frame_matches_the_sse_encoder(fields: dict[bytes, bytes]) -> None:
+    """The formatted fast path and the general encoder give the same bytes."""
+    event = decode_entry(b"9-0", fields)
+    assert event.frame() == sse.encode_event(fields[b"data"], event=fields[b"type"], id=event.id)
+    assert event.to_frame() == (9, fields[b"epoch"], event.terminal, event.frame())
+
+
+@pytest.mark.parametrize("epoch", [b"e\n1", b"e\r1", b"e\x001"])
+def test_frame_refuses_a_junk_epoch_written_by_hand(epoch: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_entry(b"1-0", {b"epoch": epoch, b"type": b"progress", b"data": b"{}"}).frame()

@@ -11,11 +11,13 @@ from typing import Any
 import fakeredis
 import pytest
 
+from streamcoord import feed as feed_module
 from streamcoord import sse
+from streamcoord.codec import Frame
 from streamcoord.errors import UnknownTask
 from streamcoord.eventlog import EventLog
 from streamcoord.feed import Feed
-from streamcoord.hub import HEARTBEAT, Batch, Frame, Hub, Listener, make_batch
+from streamcoord.hub import HEARTBEAT, Batch, Hub, Listener, make_batch
 from streamcoord.ids import EventId
 from streamcoord.keys import TaskRef
 from streamcoord.settings import Settings
@@ -108,15 +110,24 @@ async def redis(server: fakeredis.FakeServer) -> AsyncIterator[fakeredis.FakeAsy
     await client.aclose()
 
 
-@pytest.fixture
-def log(redis: fakeredis.FakeAsyncRedis) -> EventLog:
-    return EventLog(redis, Settings())
+@pytest.fixture(params=[Settings().window_events, 0], ids=["window", "no-window"])
+def settings(request: pytest.FixtureRequest) -> Settings:
+    """Every feed test runs twice: with the hub's window of recent frames (feeds may start
+    from memory) and without it (every feed reads Redis)."""
+    return Settings(window_events=request.param)
 
 
 @pytest.fixture
-async def hub(server: fakeredis.FakeServer, redis: fakeredis.FakeAsyncRedis) -> AsyncIterator[Hub]:
+def log(redis: fakeredis.FakeAsyncRedis, settings: Settings) -> EventLog:
+    return EventLog(redis, settings)
+
+
+@pytest.fixture
+async def hub(
+    server: fakeredis.FakeServer, redis: fakeredis.FakeAsyncRedis, settings: Settings
+) -> AsyncIterator[Hub]:
     reader = fakeredis.FakeAsyncRedis(server=server)
-    yield Hub(reader, redis, Settings())  # never started: tests dispatch themselves
+    yield Hub(reader, redis, settings)  # never started: tests dispatch themselves
     await reader.aclose()
 
 
@@ -308,8 +319,8 @@ async def test_new_client_gets_history_then_live_until_the_terminal_event(
     assert hub.listener_count == 0  # the feed let go of its listener
 
 
-async def test_a_second_client_joins_a_hub_that_is_ahead(
-    log: EventLog, hub: Hub, clients: list[Client]
+async def test_a_second_client_joins_a_hub_that_is_behind_redis(
+    log: EventLog, hub: Hub, clients: list[Client], settings: Settings
 ) -> None:
     await publish(log, *["progress"] * 5)
     first = await open_client(log, hub, clients)
@@ -321,7 +332,12 @@ async def test_a_second_client_joins_a_hub_that_is_ahead(
         await writer.append("progress", {"n": n})  # in Redis, not yet read by the hub
     second = await open_client(log, hub, clients)
     await wait_until(lambda: hub.listener_count == 2)
-    assert seqs(second.frames) == list(range(1, 9))
+    if settings.window_events:
+        # Started from the hub's window, at the hub's position: 6..8 come with its next read.
+        assert seqs(await second.wait_frames(5)) == [1, 2, 3, 4, 5]
+        assert hub.stats["window_hits"] == 1
+    else:  # read everything from Redis, ahead of the hub: what the hub sends next is skipped
+        assert seqs(second.frames) == list(range(1, 9))
     await dispatch(hub, log, 6, 8)  # the hub catches up: the second client has them already
     await writer.append("complete", {})
     await dispatch(hub, log, 9, 9)
@@ -480,3 +496,111 @@ async def test_revalidate_rewinds_a_stream_created_anew_under_a_history_only_lis
     await asyncio.wait_for(client.task, TIMEOUT)
     received = parse(b"".join(client.chunks))
     assert [event for _, event, _ in received] == ["progress"] * 3 + ["reset", "progress", "progress", "complete"]
+
+
+# -- 4. The window and shared reads --------------------------------------------------------------
+
+
+async def test_a_resume_within_the_window_starts_from_memory_without_a_read(
+    log: EventLog, hub: Hub, clients: list[Client], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = await publish(log, *["progress"] * 6)
+    await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 1)
+    reads: list[str] = []
+    monkeypatch.setattr(log.redis, "pipeline", lambda *a, **k: reads.append("pipeline"))
+    monkeypatch.setattr(log.redis, "xrange", lambda *a, **k: reads.append("xrange"))
+    if not settings.window_events:
+        with pytest.raises(AttributeError):  # it tried to read: the patched pipeline gave None
+            await Feed.open(log, hub, REF, last_id=ids[2])
+        assert reads == ["pipeline"]
+        return
+    resumed = await open_client(log, hub, clients, last_id=ids[2])
+    latest = await open_client(log, hub, clients, latest=True)
+    everything = await open_client(log, hub, clients)
+    assert seqs(await resumed.wait_frames(3)) == [4, 5, 6]
+    assert seqs(await latest.wait_frames(1)) == [6]
+    assert seqs(await everything.wait_frames(6)) == [1, 2, 3, 4, 5, 6]
+    assert reads == [] and hub.stats["window_hits"] == 3 and hub.listener_count == 4
+    monkeypatch.undo()
+    # From memory, then live like any other client.
+    await log.writer(REF).append("complete", {})
+    await dispatch(hub, log, 7, 7)
+    assert seqs(await resumed.finished()) == [4, 5, 6, 7]
+    assert seqs(await everything.finished()) == list(range(1, 8))
+
+
+async def test_a_resume_before_the_window_reads_the_rest_from_redis(
+    log: EventLog, redis: fakeredis.FakeAsyncRedis, server: fakeredis.FakeServer, clients: list[Client]
+) -> None:
+    small = Settings(window_events=3)
+    log = EventLog(redis, small)
+    hub = Hub(fakeredis.FakeAsyncRedis(server=server), redis, small)
+    ids = await publish(log, *["progress"] * 8)
+    await open_client(log, hub, clients)  # seeds the window with the stream's tail: 6..8
+    await wait_until(lambda: hub.listener_count == 1)
+    resumed = await open_client(log, hub, clients, last_id=ids[1])
+    assert seqs(await resumed.wait_frames(6)) == [3, 4, 5, 6, 7, 8]
+    assert hub.stats["window_hits"] == 0
+
+
+async def test_feeds_opening_together_share_one_read(
+    log: EventLog, hub: Hub, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = await publish(log, *["progress"] * 20)
+    calls = 0
+    real = feed_module.read_snapshot
+
+    async def counted(log: EventLog, ref: TaskRef) -> feed_module.Snapshot:
+        nonlocal calls
+        calls += 1
+        return await real(log, ref)
+
+    monkeypatch.setattr(feed_module, "read_snapshot", counted)
+    opens = [Feed.open(log, hub, REF, last_id=ids[n % 20]) for n in range(50)]
+    feeds = await asyncio.wait_for(asyncio.gather(*opens), TIMEOUT)
+    assert calls == 1
+    for feed in feeds:
+        clients.append(Client(feed))
+        assert not feed._pending  # no reset: each one resumes where it was
+    for n, client in enumerate(clients):
+        want = list(range(n % 20 + 2, 21))
+        assert seqs(await client.wait_frames(len(want))) == want
+
+
+async def test_a_shared_read_older_than_the_client_is_checked_with_a_read_of_its_own(
+    log: EventLog, hub: Hub, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A feed that joins a read in flight may know a newer event than that read saw (from
+    another gateway): the stale read must not make it reset the client ("position")."""
+    ids = await publish(log, *["progress"] * 5)
+    gate = asyncio.Event()
+    real = feed_module.read_snapshot
+    calls = 0
+
+    async def slow_first(log: EventLog, ref: TaskRef) -> feed_module.Snapshot:
+        nonlocal calls
+        calls += 1
+        snapshot = await real(log, ref)
+        if calls == 1:
+            await gate.wait()  # returns what Redis held before event 6
+        return snapshot
+
+    monkeypatch.setattr(feed_module, "read_snapshot", slow_first)
+    leader = asyncio.create_task(Feed.open(log, hub, REF, last_id=ids[1]))
+    await wait_until(lambda: calls == 1)
+    sixth = await log.writer(REF).append("progress", {"n": 6})
+    follower = asyncio.create_task(Feed.open(log, hub, REF, last_id=sixth))
+    await asyncio.sleep(0.01)
+    gate.set()
+    first, second = await asyncio.wait_for(asyncio.gather(leader, follower), TIMEOUT)
+    assert calls == 2  # the shared read, then the follower's own
+    assert not first._pending and not second._pending  # neither was reset
+    clients.extend([Client(first), Client(second)])
+    assert seqs(await clients[0].wait_frames(3)) == [3, 4, 5]
+    await wait_until(lambda: hub.listener_count == 2)
+    await dispatch(hub, log, 6, 6)
+    assert seqs(await clients[0].wait_frames(4)) == [3, 4, 5, 6]
+    await log.writer(REF).append("complete", {})
+    await dispatch(hub, log, 7, 7)
+    assert seqs(await clients[1].finished()) == [7]

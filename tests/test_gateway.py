@@ -421,3 +421,30 @@ async def test_a_stream_lost_in_a_redis_restart_resets_its_clients(
     assert after[0].epoch != before[0].epoch and [a.seq for a in after] == [1, 2]
     assert rest[0].event == "reset" and rest[0].json()["reason"] == "lost"
     assert [(e.id, e.event) for e in rest[1:]] == [(str(after[0]), "progress"), (str(after[1]), "complete")]
+
+
+async def test_a_reconnect_storm_is_served_exactly_with_one_read_then_from_memory(
+    sse: Any, gateway: Gateway, event_log: EventLog
+) -> None:
+    """200 clients reconnect at once with ids anywhere in a 300-event history while the task
+    goes on: each gets exactly what it missed, and the gateway reads the history from Redis far
+    fewer times than it has clients (one read shared). Clients that come once the stream is
+    followed are served from the gateway's window of recent events."""
+    ids = await publish(event_log, JOB, 300, complete=False)
+    storm = [ids[n * 3 % 300] for n in range(200)]
+    opening = [sse(gateway.socket, "/stream/Job/1", {"Last-Event-ID": str(i)}) for i in storm]
+    clients = await asyncio.wait_for(asyncio.gather(*opening), 30)
+    await wait_stats(gateway, "200 listeners", lambda s: s["listeners"] == 200)
+    storm_counters = await stats(gateway)
+    ids += await publish(event_log, JOB, 10, complete=False, start=301)
+    later = [ids[n] for n in range(100, 310, 10)]
+    clients += [await sse(gateway.socket, "/stream/Job/1", {"Last-Event-ID": str(i)}) for i in later]
+    await publish(event_log, JOB, 0, start=311)  # complete: event 311
+    results = await asyncio.wait_for(asyncio.gather(*(c.events_until_end() for c in clients)), 30)
+    for last, events in zip(storm + later, results, strict=True):
+        assert [e.seq for e in events] == list(range(last.seq + 1, 312)), last
+    reads, shared = storm_counters.get("history_reads", 0), storm_counters.get("history_shared", 0)
+    assert reads + shared == 200 and reads < 100, storm_counters
+    counters = await stats(gateway)
+    assert counters.get("window_hits", 0) == len(later), counters
+    assert counters["history_reads"] == reads, counters

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -124,3 +125,22 @@ async def test_miss_rereads_only_after_refresh_interval(
     assert await reg.resolve(None, "Report") is None
     clock[0] += registry_module.REFRESH_SECONDS
     assert await reg.resolve(None, "Report") == ("reports", "Report")
+
+
+async def test_clients_arriving_together_read_the_registry_once(
+    redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway restarted under load: a thousand first requests, one HGETALL."""
+    await register_models(redis, KEYS, [("shop", "Order")])
+    registry = ModelRegistry(redis, KEYS)
+    reads = 0
+    real = redis.hgetall
+
+    async def counted(key: str) -> object:
+        nonlocal reads
+        reads += 1
+        return await real(key)
+
+    monkeypatch.setattr(redis, "hgetall", counted)
+    resolved = await asyncio.gather(*(registry.resolve(None, "order") for _ in range(1000)))
+    assert reads == 1 and set(resolved) == {("shop", "Order")}

@@ -1,0 +1,72 @@
+"""The latest events of one stream, kept encoded by a gateway process.
+
+A window holds frames contiguous in sequence and of one epoch, so it can tell exactly which
+positions it covers: a client whose last event is in the window (or just before it) is sent
+the rest from memory, without a Redis read or a decode. Anything that breaks contiguity (a
+trimmed or lost range, a stream created anew) empties the window, which then grows again from
+the next frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .codec import Frame
+
+
+class Window:
+    """Up to ``limit`` frames, oldest first (kept up to twice that, trimmed in one step)."""
+
+    __slots__ = ("frames", "limit")
+
+    def __init__(self, limit: int, frames: Iterable[Frame] = ()) -> None:
+        self.limit = limit
+        self.frames: list[Frame] = []
+        self.extend(frames)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def first(self) -> int:
+        """Sequence of the oldest frame (0 when empty)."""
+        return self.frames[0].seq if self.frames else 0
+
+    @property
+    def last(self) -> int:
+        """Sequence of the newest frame (0 when empty)."""
+        return self.frames[-1].seq if self.frames else 0
+
+    @property
+    def epoch(self) -> bytes:
+        return self.frames[0].epoch if self.frames else b""
+
+    @property
+    def ended(self) -> bool:
+        """The newest frame is a terminal event."""
+        return bool(self.frames) and self.frames[-1].terminal
+
+    def clear(self) -> None:
+        self.frames = []
+
+    def extend(self, frames: Iterable[Frame]) -> None:
+        if self.limit <= 0:
+            return
+        kept = self.frames
+        for frame in frames:
+            if kept and (frame.seq != kept[-1].seq + 1 or frame.epoch != kept[-1].epoch):
+                kept = self.frames = []  # not contiguous: what we held no longer leads here
+            kept.append(frame)
+        if len(kept) > 2 * self.limit:  # amortised: one slice per ``limit`` frames
+            del kept[: len(kept) - self.limit]
+
+    def after(self, seq: int, epoch: bytes) -> list[Frame] | None:
+        """The frames after ``seq`` of ``epoch``, or None when the window cannot tell them all
+        (another epoch, a position before the window or past its end, an empty window)."""
+        frames = self.frames
+        if not frames or epoch != frames[0].epoch:
+            return None
+        start = seq + 1 - frames[0].seq
+        if start < 0 or seq > frames[-1].seq:
+            return None
+        return frames[start:]

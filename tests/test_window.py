@@ -1,0 +1,60 @@
+"""The window of recent frames: which positions it can tell exactly, and when it lets go."""
+
+from __future__ import annotations
+
+from streamcoord.codec import Frame
+from streamcoord.window import Window
+
+
+def frames(first: int, last: int, epoch: bytes = b"e1") -> list[Frame]:
+    return [Frame(n, epoch, False, b"f%d" % n) for n in range(first, last + 1)]
+
+
+def seqs(got: list[Frame] | None) -> list[int] | None:
+    return None if got is None else [f.seq for f in got]
+
+
+def test_an_empty_window_covers_nothing() -> None:
+    window = Window(10)
+    assert (window.first, window.last, window.epoch, window.ended) == (0, 0, b"", False)
+    assert window.after(0, b"") is None
+
+
+def test_it_tells_the_frames_after_any_position_it_covers() -> None:
+    window = Window(10, frames(5, 9))
+    assert seqs(window.after(4, b"e1")) == [5, 6, 7, 8, 9]  # just before the window
+    assert seqs(window.after(7, b"e1")) == [8, 9]
+    assert seqs(window.after(9, b"e1")) == []  # at the head: nothing yet
+    assert window.after(3, b"e1") is None  # before it: 4 is not here
+    assert window.after(10, b"e1") is None  # past its end: not ours to judge
+    assert window.after(7, b"e2") is None  # another epoch
+
+
+def test_it_keeps_at_least_limit_frames_and_at_most_twice_that() -> None:
+    window = Window(4)
+    for n in range(1, 101):
+        window.extend(frames(n, n))
+        assert min(n, 4) <= len(window) <= 8
+        assert window.last == n and window.first == n - len(window) + 1
+    assert seqs(window.after(96, b"e1")) == [97, 98, 99, 100]
+
+
+def test_a_gap_or_a_new_epoch_starts_it_afresh() -> None:
+    window = Window(10, frames(1, 5))
+    window.extend(frames(8, 9))  # 6 and 7 were trimmed before the hub read them
+    assert (window.first, window.last) == (8, 9)
+    assert window.after(5, b"e1") is None
+    window.extend(frames(1, 2, b"e2"))
+    assert (window.first, window.last, window.epoch) == (1, 2, b"e2")
+
+
+def test_ended_means_the_newest_frame_is_terminal() -> None:
+    window = Window(10, frames(1, 2))
+    assert not window.ended
+    window.extend([Frame(3, b"e1", True, b"done")])
+    assert window.ended
+
+
+def test_a_limit_of_zero_keeps_nothing() -> None:
+    window = Window(0, frames(1, 5))
+    assert len(window) == 0 and window.after(0, b"e1") is None
