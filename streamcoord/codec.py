@@ -100,14 +100,7 @@ class Event:
 
     def frame(self) -> bytes:
         """The event as an SSE frame."""
-        data, head = self.data, self.type + self.epoch
-        if b"\n" in data or b"\r" in data or b"\n" in head or b"\r" in head or b"\0" in head:
-            return sse.encode_event(data, event=self.type, id=self.id)  # splits or refuses
-        # The usual case (compact JSON, a checked type): one formatting step, no scans.
-        return b"id: %s-%d\nevent: %s\ndata: %s\n\n" % (self.epoch, self.seq, self.type, data)
-
-    def to_frame(self) -> Frame:
-        return Frame(self.seq, self.epoch, self.type in _TERMINAL_TYPES, self.frame())
+        return _sse_frame(self.seq, self.epoch, self.type, self.data)
 
     def payload(self) -> dict[str, Any]:
         decoded: dict[str, Any] = json.loads(self.data)
@@ -118,3 +111,20 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
     """Decode an XRANGE/XREAD entry written by the append script."""
     seq = int(entry_id.partition(b"-")[0])
     return Event(seq=seq, epoch=fields[b"epoch"], type=fields[b"type"], data=fields[b"data"])
+
+
+def entry_frame(entry_id: bytes, fields: dict[bytes, bytes]) -> Frame:
+    """An XRANGE/XREAD entry straight to its frame: what gateways do for every event they
+    read, so without an :class:`Event` in between."""
+    seq, epoch, event_type = int(entry_id.partition(b"-")[0]), fields[b"epoch"], fields[b"type"]
+    frame = _sse_frame(seq, epoch, event_type, fields[b"data"])
+    return Frame(seq, epoch, event_type in _TERMINAL_TYPES, frame)
+
+
+def _sse_frame(seq: int, epoch: bytes, event_type: bytes, data: bytes) -> bytes:
+    head = event_type + epoch
+    if b"\n" in data or b"\r" in data or b"\n" in head or b"\r" in head or b"\0" in head:
+        # Split into data lines, or refused (a hand-written entry with a broken epoch or type).
+        return sse.encode_event(data, event=event_type, id=epoch + b"-%d" % seq)
+    # The usual case (compact JSON, a checked type): one formatting step.
+    return b"id: %s-%d\nevent: %s\ndata: %s\n\n" % (epoch, seq, event_type, data)

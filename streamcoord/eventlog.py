@@ -20,7 +20,7 @@ from redis.exceptions import ClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .codec import TERMINAL_STATES, DataEncoder, Event, decode_entry
+from .codec import TERMINAL_STATES, DataEncoder, Frame, entry_frame
 from .connection import is_cluster_url
 from .errors import StreamLost, TaskEnded, WriterFenced
 from .ids import EventId, new_epoch
@@ -101,14 +101,14 @@ class EventLog:
         when the task sent its terminal event itself."""
         await self.redis.hset(self.keys.state(ref), "final_value", json.dumps(value))
 
-    async def read(
+    async def read_frames(
         self, ref: TaskRef, after: int = 0, before: int | None = None, count: int | None = None
-    ) -> list[Event]:
-        """Events with a sequence above ``after`` (and below ``before``), oldest first, at most
-        ``count``."""
+    ) -> list[Frame]:
+        """The frames of the events with a sequence above ``after`` (and below ``before``),
+        oldest first, at most ``count``."""
         high = f"({before}-0" if before is not None else "+"
         entries: Any = await self.redis.xrange(self.keys.events(ref), f"({after}-0", high, count=count)
-        return [decode_entry(entry_id, fields) for entry_id, fields in entries]
+        return [entry_frame(entry_id, fields) for entry_id, fields in entries]
 
 
 class TaskWriter:

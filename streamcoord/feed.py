@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from . import sse
-from .codec import Frame, decode_entry
+from .codec import Frame, entry_frame
 from .errors import UnknownTask
 from .eventlog import EventLog, TaskState
 from .hub import Hub, Listener
@@ -45,7 +45,7 @@ async def read_snapshot(log: EventLog, ref: TaskRef) -> Snapshot:
     pipe.hgetall(log.keys.state(ref))
     pipe.xrevrange(log.keys.events(ref), "+", "-", count=max(log.settings.window_events, 1))
     raw_state, entries = await pipe.execute()  # bytes: clients never decode replies
-    tail = [decode_entry(entry_id, fields).to_frame() for entry_id, fields in reversed(entries)]
+    tail = [entry_frame(entry_id, fields) for entry_id, fields in reversed(entries)]
     return Snapshot(TaskState.from_hash(raw_state), tail)
 
 
@@ -166,8 +166,9 @@ class Feed:
         return sse.encode_event(json.dumps(data, separators=(",", ":")).encode(), event=b"reset")
 
     async def _read(self, after: int, before: int | None = None) -> list[Frame]:
-        events = await self.log.read(self.ref, after, before, count=HISTORY_PAGE)
-        return [event.to_frame() for event in events]
+        read = functools.partial(self.log.read_frames, self.ref, after, before, count=HISTORY_PAGE)
+        frames, _ = await self.hub.page_reads.run((self._key, after, before), read)
+        return frames  # shared: never changed in place
 
     def _accept(self, frames: list[Frame], out: list[bytes]) -> bool:
         """Append the frames not sent yet; True once the terminal event is out."""

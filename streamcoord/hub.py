@@ -31,7 +31,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from . import sse
-from .codec import Frame, decode_entry
+from .codec import Frame, entry_frame
 from .flight import SingleFlight
 from .ids import EventId
 from .keys import KeySpace
@@ -161,8 +161,10 @@ class Hub:
         self._streams: dict[bytes, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: collections.Counter[str] = collections.Counter()
-        #: Feeds opening the same stream at once share one read of its state and tail.
+        #: Feeds opening the same stream at once share one read of its state and tail, and
+        #: feeds reading the same page of its history at once share that read.
         self.history_reads: SingleFlight[str, Any] = SingleFlight()
+        self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = SingleFlight()
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -361,7 +363,7 @@ class Hub:
         stream = self._streams.get(key)
         if stream is None:  # the last listener left while the read was in flight
             return
-        frames = [decode_entry(entry_id, fields).to_frame() for entry_id, fields in entries]
+        frames = [entry_frame(entry_id, fields) for entry_id, fields in entries]
         stream.cursor, stream.epoch = frames[-1].seq, frames[-1].epoch
         stream.window.extend(frames)
         batch = make_batch(frames)

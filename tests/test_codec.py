@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from streamcoord import sse
-from streamcoord.codec import DataEncoder, Event, decode_entry
+from streamcoord.codec import DataEncoder, Event, decode_entry, entry_frame
 from streamcoord.errors import (
     EventRejected,
     InvalidEventType,
@@ -221,7 +221,7 @@ def test_frame_matches_the_sse_encoder(fields: dict[bytes, bytes]) -> None:
     """The formatted fast path and the general encoder give the same bytes."""
     event = decode_entry(b"9-0", fields)
     assert event.frame() == sse.encode_event(fields[b"data"], event=fields[b"type"], id=event.id)
-    assert event.to_frame() == (9, fields[b"epoch"], event.terminal, event.frame())
+    assert entry_frame(b"9-0", fields) == (9, fields[b"epoch"], event.terminal, event.frame())
 
 
 @pytest.mark.parametrize("epoch", [b"e\n1", b"e\r1", b"e\x001"])
