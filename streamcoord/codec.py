@@ -25,6 +25,8 @@ TERMINAL_STATES = {"complete": "completed", "error": "failed", "cancelled": "can
 #: Types the gateway itself sends; a task may not send them.
 RESERVED_TYPES = frozenset({"reset", "message"})
 _TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_STATES)
+#: One encoder for every payload: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 
 
@@ -54,7 +56,7 @@ class DataEncoder:
                 self.ref.label, event_type, f"payload must be a dict, not {type(payload).__name__}"
             )
         try:
-            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            body = _JSON.encode(payload)
             encoded = body.encode()  # strict: a lone surrogate is not valid UTF-8 for any client
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
             raise PayloadNotSerializable(self.ref.label, event_type, str(exc)) from None
