@@ -64,7 +64,12 @@ class Feed:
         self._pending: list[bytes] = []  # frames decided at open time, sent first
         self._first: list[Frame] = []  # history to send first
         self._tail: list[Frame] = []  # the snapshot's tail: where history reading ends
-        self.ended = False  # the client already has the terminal event: nothing to send
+        self.ended = False  # the terminal event is out (or is all that is left to send)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to send at all: the client already has the terminal event."""
+        return self.ended and not self._pending
 
     @classmethod
     async def open(
@@ -183,7 +188,16 @@ class Feed:
         return False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield SSE chunks (whole frames) until the terminal event or the listener closes."""
+        """Yield SSE chunks (whole frames) until the terminal event or the listener closes:
+        :meth:`history`, then :meth:`next_chunk` until it returns None."""
+        async for chunk in self.history():
+            yield chunk
+        while (live := await self.next_chunk()) is not None:
+            yield live
+
+    async def history(self) -> AsyncIterator[bytes]:
+        """Yield what the client is sent before live events: resets, history, and what was
+        missed while subscribing. Listens to the hub by the time it ends."""
         out, self._pending = self._pending, []
         if self.ended:
             if out:
@@ -192,11 +206,11 @@ class Feed:
         if self.listener is not None:  # attached: the window's frames reach the hub's position
             self.listener.task = asyncio.current_task()
             if self._accept(self._first, out):
-                yield b"".join(out)
-                return
+                self.ended = True
         else:
             async for page in self._pages():
                 if self._accept(page, out):
+                    self.ended = True
                     yield b"".join(out)
                     return
                 if len(out) >= HISTORY_PAGE:
@@ -208,12 +222,44 @@ class Feed:
             self.listener.task = asyncio.current_task()
             # When the hub already read past us for earlier listeners, fetch the difference.
             if hub_cursor > self._last and await self._catch_up(hub_cursor + 1, out):
-                yield b"".join(out)
-                return
+                self.ended = True
         if out:  # what we caught up on goes out now, not with the next live event
             yield b"".join(out)
-        async for chunk in self._live():
-            yield chunk
+
+    async def next_chunk(self) -> bytes | None:
+        """The next chunk of live events; None once the terminal event is out or the listener
+        closed (overflow, shutdown).
+
+        A plain coroutine, not an async generator: it runs once per client per batch, the
+        gateway's hottest path, where each generator layer costs microseconds."""
+        listener = self.listener
+        if self.ended or listener is None:
+            return None
+        while True:
+            batches = await listener.take()
+            if not batches:  # closed: overflow or shutdown
+                return None
+            out: list[bytes] = []
+            for batch in batches:
+                if batch.heartbeat:
+                    out.append(batch.data)
+                elif batch.rewind:
+                    # Redis lost events of this stream: what the client has may be gone. Say so,
+                    # then send the stream from its start (the hub reads it again from 1).
+                    out.append(self._reset("lost"))
+                    self._last, self._epoch = 0, b""
+                elif batch.epoch == self._epoch and batch.first == self._last + 1:
+                    # In step with the stream (the usual case): the hub's bytes as they are.
+                    out.append(batch.data)
+                    self._last, self.ended = batch.last, batch.terminal
+                else:
+                    self.ended = await self._take_frames(batch.frames, out)
+                if self.ended:
+                    break
+            if out:  # a batch of duplicates only sends nothing
+                return out[0] if len(out) == 1 else b"".join(out)
+            if self.ended:
+                return None
 
     async def _pages(self) -> AsyncIterator[list[Frame]]:
         """History from the first page on: pages from Redis up to the tail, then the tail."""
@@ -236,36 +282,6 @@ class Feed:
             if self._accept(page, out):
                 return True
         return False
-
-    async def _live(self) -> AsyncIterator[bytes]:
-        listener = self.listener
-        assert listener is not None
-        while True:
-            batches = await listener.take()
-            if not batches:  # closed: overflow or shutdown
-                return
-            out: list[bytes] = []
-            done = False
-            for batch in batches:
-                if batch.heartbeat:
-                    out.append(batch.data)
-                elif batch.rewind:
-                    # Redis lost events of this stream: what the client has may be gone. Say so,
-                    # then send the stream from its start (the hub reads it again from 1).
-                    out.append(self._reset("lost"))
-                    self._last, self._epoch = 0, b""
-                elif batch.epoch == self._epoch and batch.first == self._last + 1:
-                    # In step with the stream (the usual case): the hub's bytes as they are.
-                    out.append(batch.data)
-                    self._last, done = batch.last, batch.terminal
-                else:
-                    done = await self._take_frames(batch.frames, out)
-                if done:
-                    break
-            if out:  # a batch of duplicates only sends nothing
-                yield out[0] if len(out) == 1 else b"".join(out)
-            if done:
-                return
 
     async def _take_frames(self, frames: tuple[Frame, ...], out: list[bytes]) -> bool:
         """Frame by frame, for a batch out of step: skip what was sent, read gaps from Redis,

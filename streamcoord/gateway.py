@@ -177,7 +177,7 @@ class Gateway:
         wants_sse = "text/event-stream" in request.headers.get("accept", "")
         if feed.state is not None and feed.state.ended and not wants_sse:
             return 200, {"content-type": "application/json"}, json.dumps(self._summary(feed))
-        if feed.ended:
+        if feed.empty:
             return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
         await request.accept(200, SSE_HEADERS)
         if request.method == "HEAD":
@@ -220,8 +220,10 @@ class Gateway:
             abort_connection(request)
 
     async def _pump(self, request: HttpRequest, feed: Feed) -> None:
-        async for chunk in feed.chunks():
+        async for chunk in feed.history():
             await request.send(chunk)
+        while (live := await feed.next_chunk()) is not None:  # the hot path: no generator
+            await request.send(live)
 
 
 def _open_fds() -> int | None:

@@ -91,14 +91,17 @@ class Listener:
     than the bound (one XREAD returns up to READ_COUNT events) does not cut it.
     """
 
-    __slots__ = ("_ready", "batches", "closed", "key", "limit", "pending", "task")
+    __slots__ = ("_loop", "_waiter", "batches", "closed", "key", "limit", "pending", "task")
 
     def __init__(self, key: bytes, limit: int) -> None:
         self.key = key
         self.limit = limit
         self.batches: list[Batch] = []
         self.pending = 0  # frames in ``batches`` (a heartbeat counts as one)
-        self._ready = asyncio.Event()
+        # A bare future per wait, not an asyncio.Event: this is paid once per client per batch,
+        # and Event.wait looks up the running loop each time (a getpid() system call on 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
         #: Why the listener was closed ("overflow", "shutdown"), or None while open.
         self.closed: str | None = None
         #: The task writing this listener's frames; cancelled when the listener overflows.
@@ -115,18 +118,28 @@ class Listener:
             return
         self.batches.append(batch)
         self.pending += len(batch.frames) or 1
-        self._ready.set()
+        self._wake()
 
     def close(self, reason: str) -> None:
         if not self.closed:
             self.closed = reason
-            self._ready.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def take(self) -> list[Batch]:
         """Wait for batches and take all of them (empty once closed and drained)."""
         while not self.batches and not self.closed:
-            self._ready.clear()
-            await self._ready.wait()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         taken, self.batches, self.pending = self.batches, [], 0
         return taken
 

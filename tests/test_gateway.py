@@ -448,3 +448,22 @@ async def test_a_reconnect_storm_is_served_exactly_with_one_read_then_from_memor
     counters = await stats(gateway)
     assert counters.get("window_hits", 0) == len(later), counters
     assert counters["history_reads"] == reads, counters
+
+
+async def test_an_expired_stream_answers_reset_then_the_outcome_not_204(
+    sse: Any, gateway: Gateway, event_log: EventLog, redis: Redis
+) -> None:
+    """The stream's TTL ran out before the state record's: a client still learns the outcome."""
+    ids = await publish(event_log, JOB, 3)
+    await redis.delete(event_log.keys.events(JOB))
+    for headers in ({}, {"Last-Event-ID": str(ids[1])}):
+        client = await sse(gateway.socket, "/stream/Job/1", headers)
+        events = await asyncio.wait_for(client.events_until_end(), 5)
+        assert [e.event for e in events] == ["reset", "complete"], headers
+        assert events[0].json()["reason"] in ("expired", "trimmed")
+        assert events[1].id == str(ids[-1]) and events[1].json()["message"] == "done"
+    async with http(gateway) as plain:
+        done = await plain.get(
+            "/stream/Job/1", headers={"Last-Event-ID": str(ids[-1]), "Accept": "text/event-stream"}
+        )
+    assert done.status_code == 204  # it has the outcome already
