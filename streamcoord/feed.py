@@ -20,13 +20,13 @@ import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import sse
 from .codec import Frame, entry_frame
 from .errors import UnknownTask
 from .eventlog import EventLog, TaskState
-from .hub import Hub, Listener
+from .hub import Hub, Listener, Position
 from .ids import EventId
 from .keys import TaskRef
 
@@ -47,6 +47,15 @@ async def read_snapshot(log: EventLog, ref: TaskRef) -> Snapshot:
     raw_state, entries = await pipe.execute()  # bytes: clients never decode replies
     tail = [entry_frame(entry_id, fields) for entry_id, fields in reversed(entries)]
     return Snapshot(TaskState.from_hash(raw_state), tail)
+
+
+async def read_position(log: EventLog, ref: TaskRef, hub: Hub) -> Position:
+    """The stream's epoch and last sequence in Redis, with how far the hub's window reached
+    when the read was sent."""
+    before = hub.window_last(log.keys.events(ref))
+    reply: Any = await log.redis.hmget(log.keys.state(ref), ["epoch", "last_seq"])
+    epoch, last_seq = reply  # bytes: clients never decode replies
+    return Position(epoch or b"", int(last_seq or 0), before)
 
 
 class Feed:
@@ -78,9 +87,13 @@ class Feed:
         """Decide where the client starts; raise :class:`UnknownTask` if the task has neither
         a state record nor events."""
         key = log.keys.events(ref)
-        attached = hub.attach(key, last_id, latest)
-        if attached is not None:
-            return cls._attached(log, hub, ref, last_id, *attached)
+        if hub.has_window(key):
+            # The window only knows what the hub read: confirm with Redis (one small read,
+            # shared) that the stream was not created anew or cut back under it since.
+            confirmed, _ = await hub.position_reads.run(key, functools.partial(read_position, log, ref, hub))
+            attached = hub.attach(key, last_id, latest, confirmed)
+            if attached is not None:
+                return cls._attached(log, hub, ref, last_id, *attached)
         snapshot, shared = await hub.history_reads.run(key, functools.partial(read_snapshot, log, ref))
         hub.stats["history_shared" if shared else "history_reads"] += 1
         feed = cls(log, hub, ref, snapshot.state)
@@ -130,6 +143,8 @@ class Feed:
             elif (page and page[0].seq > after + 1) or (not page and after < last_seq):
                 reason = "trimmed"
             elif state is not None and state.ended and after == last_seq:
+                if not trusted:
+                    return False  # a new run may have started since that read
                 self.ended = True
                 return True
             if reason:
@@ -140,6 +155,8 @@ class Feed:
                 after = 0
         if not page and state is not None and state.ended and state.end_data:
             # The stream expired but the state record kept the outcome: say so, then send it.
+            if not trusted:
+                return False
             if not self._pending:
                 self._pending.append(self._reset("expired"))
             self._pending.append(
@@ -180,6 +197,7 @@ class Feed:
         for frame in frames:
             if frame.seq <= self._last:
                 continue
+            self._check_gap(frame.seq, out)
             out.append(frame.data)
             self._last = frame.seq
             self._epoch = frame.epoch
@@ -274,6 +292,13 @@ class Feed:
             yield page
         yield tail[max(self._last + 1 - tail[0].seq, 0):]
 
+    def _check_gap(self, seq: int, out: list[bytes]) -> None:
+        """Events between the last one sent and ``seq`` were trimmed away while this feed read
+        (a stream longer than STREAMCOORD_MAX_STREAM_LENGTH, read slower than it grows): say
+        so, and go on with what Redis still holds."""
+        if seq > self._last + 1 and self._last:
+            out.append(self._reset("trimmed"))
+
     async def _catch_up(self, before: int, out: list[bytes]) -> bool:
         while self._last < before - 1:
             page = await self._read(self._last, before)
@@ -296,6 +321,7 @@ class Feed:
                 continue
             if frame.seq > self._last + 1 and await self._catch_up(frame.seq, out):
                 return True
+            self._check_gap(frame.seq, out)
             out.append(frame.data)
             self._last, self._epoch = frame.seq, frame.epoch
             if frame.terminal:

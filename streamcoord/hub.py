@@ -83,6 +83,15 @@ HEARTBEAT = Batch((), sse.HEARTBEAT, b"", 0, 0, False)
 REWIND = Batch((), b"", b"", -1, -1, False)
 
 
+class Position(NamedTuple):
+    """A stream's position in Redis, read to confirm the hub's window before serving from it."""
+
+    epoch: bytes
+    last_seq: int
+    #: The window's last sequence when the read was sent: Redis must hold at least that much.
+    window_last: int
+
+
 class Listener:
     """One client's bounded queue of batches from one stream.
 
@@ -177,6 +186,8 @@ class Hub:
         #: Feeds opening the same stream at once share one read of its state and tail, and
         #: feeds reading the same page of its history at once share that read.
         self.history_reads: SingleFlight[str, Any] = SingleFlight()
+        self.position_reads: SingleFlight[str, Position] = SingleFlight()
+        self._revalidate_now = False  # a feed saw Redis disagree with a window
         self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = SingleFlight()
 
     # -- listeners ---------------------------------------------------------------------------
@@ -202,18 +213,40 @@ class Hub:
             self._wake()
         return self._listen(stream, bkey), stream.cursor
 
-    def attach(self, key: str, last_id: EventId | None, latest: bool = False) -> tuple[Listener, list[Frame]] | None:
+    def _usable_window(self, key: str) -> tuple[_Stream, Window] | None:
+        stream = self._streams.get(key.encode())
+        if stream is None or not stream.window or stream.window.last != stream.cursor or stream.window.ended:
+            return None
+        return stream, stream.window
+
+    def has_window(self, key: str) -> bool:
+        """The hub follows ``key`` and holds a window of it that new clients may start from."""
+        return self._usable_window(key) is not None
+
+    def window_last(self, key: str) -> int:
+        usable = self._usable_window(key)
+        return usable[1].last if usable else 0
+
+    def attach(
+        self, key: str, last_id: EventId | None, latest: bool, confirmed: Position
+    ) -> tuple[Listener, list[Frame]] | None:
         """Listen to a followed stream whose window holds everything the client lacks.
 
-        Returns the listener and the frames to send first (history up to the hub's position),
-        or None when the window cannot tell (not followed, not covered, or ended: then the
+        ``confirmed`` is the stream's position in Redis, read since the window reached
+        ``confirmed.window_last``: the window is used only if Redis has its epoch and at least
+        that many events (else the stream was created anew or cut back under the hub, which
+        is told to check its streams now). Returns the listener and the frames to send first
+        (history up to the hub's position), or None when the window cannot tell (then the
         caller reads Redis). Nothing is awaited, so nothing can arrive in between.
         """
-        bkey = key.encode()
-        stream = self._streams.get(bkey)
-        if stream is None or stream.window.last != stream.cursor or stream.window.ended:
+        usable = self._usable_window(key)
+        if usable is None:
             return None
-        window = stream.window
+        stream, window = usable
+        if confirmed.epoch != window.epoch or confirmed.last_seq < confirmed.window_last:
+            self._revalidate_now = True
+            self._wake()
+            return None
         if last_id is not None:
             frames = window.after(last_id.seq, last_id.epoch.encode())
         elif latest:
@@ -223,7 +256,7 @@ class Hub:
         if frames is None:
             return None
         self.stats["window_hits"] += 1
-        return self._listen(stream, bkey), frames
+        return self._listen(stream, key.encode()), frames
 
     def _listen(self, stream: _Stream, bkey: bytes) -> Listener:
         listener = Listener(bkey, self._settings.client_queue_size)
@@ -301,7 +334,8 @@ class Hub:
         backoff = 0.05
         revalidate_at = time.monotonic() + REVALIDATE_SECONDS
         while True:
-            if time.monotonic() >= revalidate_at:
+            if self._revalidate_now or time.monotonic() >= revalidate_at:
+                self._revalidate_now = False
                 try:
                     await self._revalidate()
                     revalidate_at = time.monotonic() + REVALIDATE_SECONDS
@@ -343,7 +377,8 @@ class Hub:
                     await asyncio.wait_for(self._changed.wait(), self._settings.block_ms / 1000)
                 continue
             try:
-                if time.monotonic() >= revalidate_at:
+                if self._revalidate_now or time.monotonic() >= revalidate_at:
+                    self._revalidate_now = False
                     await self._revalidate()
                     revalidate_at = time.monotonic() + REVALIDATE_SECONDS
                 pipe = self._reader.pipeline(transaction=False)

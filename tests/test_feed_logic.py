@@ -604,3 +604,76 @@ async def test_a_shared_read_older_than_the_client_is_checked_with_a_read_of_its
     await log.writer(REF).append("complete", {})
     await dispatch(hub, log, 7, 7)
     assert seqs(await clients[1].finished()) == [7]
+
+
+async def test_a_window_of_a_stream_created_anew_is_not_served(
+    log: EventLog, hub: Hub, redis: fakeredis.FakeAsyncRedis, clients: list[Client]
+) -> None:
+    """Redis lost the stream (evicted, failed over) and a writer started it under a new epoch
+    before the hub read past its old position: the hub's window holds events that no longer
+    exist. New clients must get the stream Redis holds, and a resume from the old epoch a reset."""
+    old = await publish(log, "start", "progress", "progress")
+    await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 1)
+    await dispatch(hub, log, 1, 3)  # the window holds e1 1..3
+    await redis.delete(log.keys.events(REF))
+    new = await log.writer(REF).append("progress", {"n": 1})
+    assert new.epoch != old[0].epoch
+    fresh = await open_client(log, hub, clients)
+    resumed = await open_client(log, hub, clients, last_id=old[-1])
+    assert [i for i, _, _ in await fresh.wait_frames(1)] == [str(new)]
+    got = await resumed.wait_frames(2)
+    assert (got[0][1], json.loads(got[0][2])["reason"]) == ("reset", "epoch")
+    assert got[1][0] == str(new)
+    assert hub.stats["window_hits"] == 0
+    assert hub._revalidate_now == bool(hub._settings.window_events)  # the hub checks at once
+
+
+async def test_a_shared_read_cannot_tell_a_client_the_task_ended_once_a_new_run_began(
+    log: EventLog, hub: Hub, redis: fakeredis.FakeAsyncRedis, clients: list[Client],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream expired with the outcome kept in the state record; a read of that is in
+    flight when the task runs again. A feed joining that read must not send the old outcome."""
+    await publish(log, "start", "error")
+    await redis.delete(log.keys.events(REF))
+    gate, calls, real = asyncio.Event(), 0, feed_module.read_snapshot
+
+    async def slow_first(log: EventLog, ref: TaskRef) -> feed_module.Snapshot:
+        nonlocal calls
+        calls += 1
+        snapshot = await real(log, ref)
+        if calls == 1:
+            await gate.wait()
+        return snapshot
+
+    monkeypatch.setattr(feed_module, "read_snapshot", slow_first)
+    leader = asyncio.create_task(Feed.open(log, hub, REF))
+    await wait_until(lambda: calls == 1)
+    await redis.hset(log.keys.state(REF), "state", "running")  # a new run ...
+    new = await log.writer(REF).append("start", {"n": 0})  # ... writes its first event
+    follower = asyncio.create_task(Feed.open(log, hub, REF))
+    await asyncio.sleep(0.01)
+    gate.set()
+    first, second = await asyncio.wait_for(asyncio.gather(leader, follower), TIMEOUT)
+    assert calls == 2 and first.ended and not second.ended
+    clients.append(Client(second))
+    assert [(i, e) for i, e, _ in await clients[0].wait_frames(1)] == [(str(new), "start")]
+
+
+async def test_history_trimmed_between_two_page_reads_is_told_with_a_reset(
+    redis: fakeredis.FakeAsyncRedis, hub: Hub, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client reads a long history page by page while the stream is trimmed under it: the
+    events it had not read yet are gone, and it is told so instead of seeing a silent gap."""
+    monkeypatch.setattr(feed_module, "HISTORY_PAGE", 2)
+    log = EventLog(redis, Settings(window_events=0))  # so the tail read holds event 9 only
+    await publish(log, *["progress"] * 9)
+    feed = await Feed.open(log, hub, REF)  # first page read: 1, 2
+    await redis.xtrim(log.keys.events(REF), maxlen=3, approximate=False)  # 3..6 go now
+    client = Client(feed)
+    clients.append(client)
+    await client.wait_frames(6)
+    got = client.frames
+    assert [i.rpartition("-")[2] or e for i, e, _ in got] == ["1", "2", "reset", "7", "8", "9"]
+    assert json.loads(got[2][2])["reason"] == "trimmed"
