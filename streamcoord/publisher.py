@@ -6,8 +6,12 @@ command for Redis to parse) as soon as the wire is free. Every append carries th
 number it expects to write, so re-sending a call after a lost reply (redis-py's own retry, or
 ours after NOSCRIPT) never writes twice.
 
+Since one call at a time is on the wire, the publisher holds one connection of its own and
+talks to it directly (the command packed in C, one timeout for the round trip): redis-py's
+pool and per-command timers cost more than the script itself at thousands of appends a second.
+
 In a Redis Cluster one script call cannot touch several tasks' keys (other hash slots), so
-there a batch goes out as concurrent single-event calls.
+there a batch goes out as concurrent single-event calls, through the cluster client.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .settings import Settings
 
@@ -42,6 +49,7 @@ class Publisher:
         self._busy = False  # a call is on the wire
         self._pending: list[tuple[Append, asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._connection: AbstractConnection | None = None  # ours while the client lives
         #: Round trips made, for tests and stats.
         self.batches = 0
 
@@ -111,8 +119,35 @@ class Publisher:
         for (events_key, state_key), event_args in appends:
             keys += (events_key, state_key)
             args += event_args
-        replies: list[Any] = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
-        return replies
+        if self._clustered:
+            replies: list[Any] = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+            return replies
+        return await self._execute(("EVALSHA", self._sha, len(keys), *keys, *args))  # type: ignore[no-any-return]
+
+    async def _execute(self, command: tuple[Any, ...]) -> Any:
+        """One command on the publisher's own connection. Any failure but a Redis error reply
+        drops the connection (its reply may still be on the way); the next call reconnects."""
+        if self._connection is None:
+            # Held for good: the pool counts it, and closes it with the client.
+            self._connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            self._connection.socket_timeout = None  # one timeout per round trip, below
+        connection = self._connection
+        try:
+            async with asyncio.timeout(self._settings.redis_socket_timeout):
+                if not connection.is_connected:
+                    # connect(), not the reconnect inside send_packed_command: a Sentinel
+                    # connection asks for the current master only in connect().
+                    await connection.connect()
+                await connection.send_packed_command(hiredis.pack_command(command), check_health=False)
+                return await connection.read_response()
+        except ResponseError:
+            raise  # Redis answered (NOSCRIPT, a script error): the connection is in step
+        except TimeoutError:
+            await connection.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout talking to Redis") from None
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
 
     def _common_args(self) -> list[str | int]:
         settings = self._settings
