@@ -183,12 +183,12 @@ class Hub:
         self._streams: dict[bytes, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: collections.Counter[str] = collections.Counter()
-        #: Feeds opening the same stream at once share one read of its state and tail, and
-        #: feeds reading the same page of its history at once share that read.
+        #: Reads that feeds of one stream, opening at the same moment, share: its state and
+        #: tail, a page of its history, its position (to confirm a window).
         self.history_reads: SingleFlight[str, Any] = SingleFlight()
+        self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = SingleFlight()
         self.position_reads: SingleFlight[str, Position] = SingleFlight()
         self._revalidate_now = False  # a feed saw Redis disagree with a window
-        self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = SingleFlight()
 
     # -- listeners ---------------------------------------------------------------------------
 
