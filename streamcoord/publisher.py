@@ -3,7 +3,7 @@
 An append that finds nothing on the wire goes out straight from the caller's task. Appends made
 while a call is on the wire gather, and go out together as ONE script call (one round trip, one
 command for Redis to parse) as soon as the wire is free. Every append carries the sequence
-number it expects to write, so re-sending a call after a lost reply (redis-py's own retry, or
+number it expects to write, so re-sending a call after a lost reply (the writer's retry, or
 ours after NOSCRIPT) never writes twice.
 
 Since one call at a time is on the wire, the publisher holds one connection of its own and
