@@ -10,13 +10,15 @@ client (the gap is read from Redis), so nothing is lost and nothing is sent twic
 
 When the client's Last-Event-ID points at history that no longer exists (another epoch, a
 trimmed range, a position past the end) the feed sends ``event: reset`` with the reason, then
-everything retained. A shared read may be older than the client's id, so such a verdict is only
-given on a read of the feed's own.
+everything retained. A shared read may be older than what the client has, so such a verdict
+(and "nothing left", and the outcome of an expired stream) is only given on a read of the
+feed's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import AsyncIterator
@@ -29,6 +31,7 @@ from .eventlog import EventLog, TaskState
 from .hub import Hub, Listener, Position
 from .ids import EventId
 from .keys import TaskRef
+from .window import frames_after
 
 HISTORY_PAGE = 1000
 
@@ -96,12 +99,17 @@ class Feed:
                 return cls._attached(log, hub, ref, last_id, *attached)
         snapshot, shared = await hub.history_reads.run(key, functools.partial(read_snapshot, log, ref))
         hub.stats["history_shared" if shared else "history_reads"] += 1
-        feed = cls(log, hub, ref, snapshot.state)
-        if not await feed._position(last_id, latest, snapshot, trusted=not shared):
+        if shared:
+            feed = cls(log, hub, ref, snapshot.state)
+            with contextlib.suppress(UnknownTask):
+                if await feed._position(last_id, latest, snapshot):
+                    return feed
+            # A verdict from a read that may be older than what the client has (a new run, an
+            # event it got elsewhere): only a read of our own may give it.
             hub.stats["history_reads"] += 1
             snapshot = await read_snapshot(log, ref)
-            feed = cls(log, hub, ref, snapshot.state)
-            await feed._position(last_id, latest, snapshot, trusted=True)
+        feed = cls(log, hub, ref, snapshot.state)
+        await feed._position(last_id, latest, snapshot)
         return feed
 
     @classmethod
@@ -118,15 +126,12 @@ class Feed:
             feed._last, feed._epoch = frames[0].seq - 1, frames[0].epoch
         return feed
 
-    async def _position(
-        self, last_id: EventId | None, latest: bool, snapshot: Snapshot, *, trusted: bool
-    ) -> bool:
-        """Place the feed from ``snapshot``; False when an untrusted (shared) snapshot would
-        end in a verdict (unknown task, reset) that a read of our own must confirm."""
+    async def _position(self, last_id: EventId | None, latest: bool, snapshot: Snapshot) -> bool:
+        """Place the feed from ``snapshot``: True when the client simply goes on in the stream,
+        False when it was given a verdict (a reset, nothing left to send, the outcome of an
+        expired stream). Raises :class:`UnknownTask`."""
         state, self._tail = snapshot
         if state is None and not snapshot.tail:
-            if not trusted:
-                return False
             raise UnknownTask(f"no task {self.ref}")
         last_seq = state.last_seq if state else 0
         after = last_id.seq if last_id else 0
@@ -143,20 +148,14 @@ class Feed:
             elif (page and page[0].seq > after + 1) or (not page and after < last_seq):
                 reason = "trimmed"
             elif state is not None and state.ended and after == last_seq:
-                if not trusted:
-                    return False  # a new run may have started since that read
                 self.ended = True
-                return True
+                return False
             if reason:
-                if not trusted:
-                    return False
                 self._pending.append(self._reset(reason))
                 page = await self._history(0)
                 after = 0
         if not page and state is not None and state.ended and state.end_data:
             # The stream expired but the state record kept the outcome: say so, then send it.
-            if not trusted:
-                return False
             if not self._pending:
                 self._pending.append(self._reset("expired"))
             self._pending.append(
@@ -164,17 +163,17 @@ class Feed:
                                  id=b"%s-%d" % (self._epoch, last_seq))
             )
             self.ended = True
-            return True
+            return False
         self._first = page
         self._last = page[0].seq - 1 if page else after
-        return True
+        return not self._pending
 
     async def _history(self, after: int) -> list[Frame]:
         """The first frames after ``after``: from the snapshot's tail when it reaches back that
         far, else a page from Redis (the tail, when that range was trimmed away)."""
         tail = self._tail
         if not tail or after >= tail[0].seq - 1:
-            return tail[max(after + 1 - tail[0].seq, 0):] if tail else []
+            return frames_after(tail, after)
         return await self._read(after, tail[0].seq) or tail
 
     def _reset(self, reason: str) -> bytes:
@@ -197,7 +196,8 @@ class Feed:
         for frame in frames:
             if frame.seq <= self._last:
                 continue
-            self._check_gap(frame.seq, out)
+            if frame.seq != self._last + 1:
+                self._check_gap(frame.seq, out)
             out.append(frame.data)
             self._last = frame.seq
             self._epoch = frame.epoch
@@ -290,7 +290,7 @@ class Feed:
             if not page:
                 break  # trimmed away under us: the tail goes on from where the stream does
             yield page
-        yield tail[max(self._last + 1 - tail[0].seq, 0):]
+        yield frames_after(tail, self._last)
 
     def _check_gap(self, seq: int, out: list[bytes]) -> None:
         """Events between the last one sent and ``seq`` were trimmed away while this feed read

@@ -64,9 +64,14 @@ class Window:
         """The frames after ``seq`` of ``epoch``, or None when the window cannot tell them all
         (another epoch, a position before the window or past its end, an empty window)."""
         frames = self.frames
-        if not frames or epoch != frames[0].epoch:
+        if not frames or epoch != frames[0].epoch or not frames[0].seq - 1 <= seq <= frames[-1].seq:
             return None
-        start = seq + 1 - frames[0].seq
-        if start < 0 or seq > frames[-1].seq:
-            return None
-        return frames[start:]
+        return frames_after(frames, seq)
+
+
+def frames_after(frames: list[Frame], seq: int) -> list[Frame]:
+    """The frames of a contiguous run (oldest first) with a sequence above ``seq``: all of them
+    when ``seq`` is before the run, none when it is at or past its end."""
+    if not frames:
+        return []
+    return frames[max(seq + 1 - frames[0].seq, 0):]
