@@ -85,7 +85,8 @@ class Frame(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Event:
-    """One event read back from a task's stream."""
+    """One event read back from a task's stream (gateways go from entries to :class:`Frame`
+    with :func:`entry_frame` instead)."""
 
     seq: int
     epoch: bytes
@@ -99,10 +100,6 @@ class Event:
     @property
     def terminal(self) -> bool:
         return self.type in _TERMINAL_TYPES
-
-    def frame(self) -> bytes:
-        """The event as an SSE frame."""
-        return _sse_frame(self.seq, self.epoch, self.type, self.data)
 
     def payload(self) -> dict[str, Any]:
         decoded: dict[str, Any] = json.loads(self.data)

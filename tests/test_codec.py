@@ -179,14 +179,15 @@ def test_decode_entry_and_frame() -> None:
     event = decode_entry(b"17-0", ENTRY)
     assert event == Event(seq=17, epoch=b"3f9a02bc", type=b"progress", data=b'{"a":1}')
     assert event.id == b"3f9a02bc-17"
-    assert event.frame() == b'id: 3f9a02bc-17\nevent: progress\ndata: {"a":1}\n\n'
+    assert entry_frame(b"17-0", ENTRY).data == b'id: 3f9a02bc-17\nevent: progress\ndata: {"a":1}\n\n'
     assert event.payload() == {"a": 1}
 
 
 def test_frame_of_encoded_data_round_trips() -> None:
     data = encoder().encode("progress", {"line": "a\nb"}, now=NOW)
-    event = decode_entry(b"3-0", {b"epoch": b"e", b"type": b"progress", b"data": data})
-    frame = event.frame()
+    fields = {b"epoch": b"e", b"type": b"progress", b"data": data}
+    event = decode_entry(b"3-0", fields)
+    frame = entry_frame(b"3-0", fields).data
     assert frame.startswith(b"id: e-3\nevent: progress\ndata: {")
     assert frame.count(b"\n\n") == 1
     assert event.payload()["line"] == "a\nb"
@@ -220,11 +221,11 @@ def test_terminal(event_type: bytes, terminal: bool) -> None:
 def test_frame_matches_the_sse_encoder(fields: dict[bytes, bytes]) -> None:
     """The formatted fast path and the general encoder give the same bytes."""
     event = decode_entry(b"9-0", fields)
-    assert event.frame() == sse.encode_event(fields[b"data"], event=fields[b"type"], id=event.id)
-    assert entry_frame(b"9-0", fields) == (9, fields[b"epoch"], event.terminal, event.frame())
+    frame = sse.encode_event(fields[b"data"], event=fields[b"type"], id=event.id)
+    assert entry_frame(b"9-0", fields) == (9, fields[b"epoch"], event.terminal, frame)
 
 
 @pytest.mark.parametrize("epoch", [b"e\n1", b"e\r1", b"e\x001"])
 def test_frame_refuses_a_junk_epoch_written_by_hand(epoch: bytes) -> None:
     with pytest.raises(ValueError):
-        decode_entry(b"1-0", {b"epoch": epoch, b"type": b"progress", b"data": b"{}"}).frame()
+        entry_frame(b"1-0", {b"epoch": epoch, b"type": b"progress", b"data": b"{}"})

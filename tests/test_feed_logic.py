@@ -501,9 +501,11 @@ async def test_revalidate_rewinds_a_stream_created_anew_under_a_history_only_lis
 # -- 4. The window and shared reads --------------------------------------------------------------
 
 
-async def test_a_resume_within_the_window_starts_from_memory_without_a_read(
+async def test_a_resume_within_the_window_starts_from_memory_without_reading_history(
     log: EventLog, hub: Hub, clients: list[Client], settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With the window, no snapshot or page of history is read (only the small HMGET that
+    confirms the window); without it, the feed reads its snapshot."""
     ids = await publish(log, *["progress"] * 6)
     await open_client(log, hub, clients)
     await wait_until(lambda: hub.listener_count == 1)
