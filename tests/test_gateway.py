@@ -437,6 +437,8 @@ async def test_a_reconnect_storm_is_served_exactly_with_one_read_then_from_memor
     await wait_stats(gateway, "200 listeners", lambda s: s["listeners"] == 200)
     storm_counters = await stats(gateway)
     ids += await publish(event_log, JOB, 10, complete=False, start=301)
+    # The later clients resume up to event 301, which the window holds once the hub read it.
+    await wait_stats(gateway, "the hub to read events 301-310", lambda s: s.get("events", 0) >= 10)
     later = [ids[n] for n in range(100, 310, 10)]
     clients += [await sse(gateway.socket, "/stream/Job/1", {"Last-Event-ID": str(i)}) for i in later]
     await publish(event_log, JOB, 0, start=311)  # complete: event 311
