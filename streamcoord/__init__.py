@@ -18,10 +18,11 @@ from .errors import (
     UnknownTask,
     WriterFenced,
 )
-from .eventlog import EventLog, TaskState, TaskWriter
+from .eventlog import EventLog, TaskWriter
 from .ids import EventId, parse_event_id
 from .keys import KeySpace, TaskRef
 from .settings import Settings
+from .taskstate import State, TaskState
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "PayloadNotSerializable",
     "PayloadTooLarge",
     "Settings",
+    "State",
     "StreamLost",
     "StreamcoordError",
     "TaskEnded",

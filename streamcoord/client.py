@@ -28,8 +28,8 @@ from urllib.parse import quote
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from .codec import TERMINAL_STATES
 from .errors import StreamcoordError
+from .taskstate import TERMINAL_EVENTS
 
 #: Used when neither the caller nor the server names a reconnect delay (seconds).
 DEFAULT_RECONNECT_DELAY = 2.0
@@ -70,7 +70,7 @@ class StreamEvent:
     @property
     def terminal(self) -> bool:
         """True for ``complete``, ``error`` and ``cancelled``: the task's last event."""
-        return self.event in TERMINAL_STATES
+        return self.event in TERMINAL_EVENTS
 
 
 def task_path(model: str, task_id: str | int, app_label: str | None = None) -> str:

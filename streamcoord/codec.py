@@ -19,12 +19,11 @@ from typing import Any, NamedTuple
 from . import sse
 from .errors import InvalidEventType, PayloadNotSerializable, PayloadTooLarge
 from .keys import TaskRef
+from .taskstate import TERMINAL_EVENTS
 
-#: Event types that end a run, and the task state each one records.
-TERMINAL_STATES = {"complete": "completed", "error": "failed", "cancelled": "cancelled"}
 #: Types the gateway itself sends; a task may not send them.
 RESERVED_TYPES = frozenset({"reset", "message"})
-_TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_STATES)
+_TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_EVENTS)
 #: One encoder for every payload: json.dumps with options builds a new one per call.
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")

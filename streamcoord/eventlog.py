@@ -8,7 +8,6 @@ appends each with the atomic script in ``append.lua``. Reading is plain XRANGE o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import secrets
@@ -20,53 +19,16 @@ from redis.exceptions import ClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .codec import TERMINAL_STATES, DataEncoder, Frame, entry_frame
+from .codec import DataEncoder, Frame, entry_frame
 from .connection import is_cluster_url
 from .errors import StreamLost, TaskEnded, WriterFenced
 from .ids import EventId, new_epoch
 from .keys import KeySpace, TaskRef
 from .publisher import Publisher
 from .settings import Settings
+from .taskstate import TERMINAL_EVENTS, TaskState
 
-ENDED_STATES = frozenset(TERMINAL_STATES.values())
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TaskState:
-    """A task's small state record (the ``:state`` hash)."""
-
-    state: str
-    epoch: str = ""
-    last_seq: int = 0
-    last_type: str = ""
-    started_at: str = ""
-    updated_at: str = ""
-    ended_at: str = ""
-    end_data: bytes = b""
-    final_value: Any = None
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ENDED_STATES
-
-    @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> TaskState | None:
-        if not raw:
-            return None
-        text = {k.decode(): v for k, v in raw.items()}
-        final = text.get("final_value")
-        return cls(
-            state=text.get("state", b"").decode(),
-            epoch=text.get("epoch", b"").decode(),
-            last_seq=int(text.get("last_seq", b"0")),
-            last_type=text.get("last_type", b"").decode(),
-            started_at=text.get("started_at", b"").decode(),
-            updated_at=text.get("updated_at", b"").decode(),
-            ended_at=text.get("ended_at", b"").decode(),
-            end_data=text.get("end_data", b""),
-            final_value=json.loads(final) if final else None,
-        )
 
 
 class EventLog:
@@ -163,7 +125,7 @@ class TaskWriter:
         """Append one event and return its id. A terminal type (``complete``, ``error``,
         ``cancelled``) ends the run; ``final_value`` is stored with it."""
         data = self.encoder.encode(event_type, payload)
-        terminal = TERMINAL_STATES.get(event_type, "")
+        terminal = TERMINAL_EVENTS.get(event_type, "")
         final = json.dumps(final_value) if terminal and final_value is not None else ""
         if self._resync:
             await self._open()

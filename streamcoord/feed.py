@@ -27,10 +27,11 @@ from typing import Any, NamedTuple
 from . import sse
 from .codec import Frame, entry_frame
 from .errors import UnknownTask
-from .eventlog import EventLog, TaskState
+from .eventlog import EventLog
 from .hub import Hub, Listener, Position
 from .ids import EventId
 from .keys import TaskRef
+from .taskstate import TaskState
 from .window import frames_after
 
 HISTORY_PAGE = 1000
