@@ -1,14 +1,21 @@
 -- Append events to task streams: each append one atomic step, safe to retry.
--- KEYS: per event, the task's events stream and state hash (one hash tag, so one cluster slot).
+-- KEYS: per event, the task's events stream and state record (one hash tag, so one cluster slot).
 --       A batch may hold events of several tasks (one Redis only: a cluster gets one per call).
--- ARGV: 1 maxlen, 2 stream ttl s, 3 state ttl s, 4 now (ISO 8601), then 8 per event:
---       epoch, seq, type, data, terminal state or '', final value JSON or '',
---       writer token (names one TaskWriter; tells its own retry from another's write),
---       run token ('' outside a worker run): while a worker runs the task, only the current
---       run may append; a run whose lease another worker took over is fenced off
+-- ARGV: 1 maxlen, 2 stream ttl s, 3 state ttl s, 4 now (ISO 8601), then per event, in this
+--       order (publisher.Append names them the same, in the same order, after its two keys):
+--       epoch, seq, type, data,
+--       terminal  the state the event ends the run in ('completed', 'failed', 'cancelled'), or ''
+--       final     the run's final value as JSON, or ''
+--       writer    the writer's token (names one TaskWriter; tells its own retry from another's write)
+--       run       the run token ('' outside a worker run): while a worker runs the task, only the
+--                 current run may append; a run whose lease another worker took over is fenced off
 -- Returns one {status, epoch, last_seq} per event; status is one of
 --   ok      written as <seq>-0
---   dup     this writer already wrote seq in this epoch (a retry whose first reply was lost)
+--   dup     this very event is already written as seq (a retry whose first reply was lost): the
+--           entry at seq holds the same type and data (or was trimmed away, long behind)
+--   stale   seq is taken by another event of this writer: an append whose caller gave up on it
+--           (cancelled, timed out) landed after the writer had re-read the stream. The writer
+--           numbers this event again; answering 'dup' here would drop it silently
 --   ended   the run already has its terminal event
 --   fenced  another writer's epoch owns the stream, another writer wrote seq, seq skips ahead,
 --           or the task's current run is not this writer's
@@ -40,8 +47,13 @@ local function append(events, state, epoch, seq, etype, data, terminal, final, w
   else
     if cur_epoch ~= epoch then return {'fenced', cur_epoch, last} end
     if seq <= last then
-      if cur[4] == writer then return {'dup', cur_epoch, last} end
-      return {'fenced', cur_epoch, last}
+      if cur[4] ~= writer then return {'fenced', cur_epoch, last} end
+      local id = seq .. '-0'
+      local entry = redis.call('XRANGE', events, id, id)[1]
+      if entry == nil then return {'dup', cur_epoch, last} end
+      local f = entry[2]  -- epoch, <epoch>, type, <type>, data, <data>: as written below
+      if f[4] == etype and f[6] == data then return {'dup', cur_epoch, last} end
+      return {'stale', cur_epoch, last}
     end
     if ended then return {'ended', cur_epoch, last} end
     if seq ~= last + 1 then

@@ -19,14 +19,15 @@ from redis.exceptions import ClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .backoff import Backoff
 from .codec import DataEncoder, Frame, entry_frame
 from .connection import is_cluster_url
-from .errors import StreamLost, TaskEnded, WriterFenced
+from .errors import AppendError, StreamLost, TaskEnded, WriterFenced
 from .ids import EventId, new_epoch
 from .keys import KeySpace, TaskRef
-from .publisher import Publisher
+from .publisher import Append, Publisher, Reply, Status
 from .settings import Settings
-from .taskstate import TERMINAL_EVENTS, TaskState
+from .taskstate import TERMINAL_EVENTS, Field, State, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,18 @@ class EventLog:
         self.keys = KeySpace(settings.key_prefix)
         self.publisher = Publisher(redis, settings, clustered=is_cluster_url(settings.redis_url))
 
-    def writer(self, ref: TaskRef, run: str = "") -> TaskWriter:
-        return TaskWriter(self, ref, run)
+    def writer(self, ref: TaskRef, run_token: str = "") -> TaskWriter:
+        """A writer of the task's events; a worker passes its run's token."""
+        return TaskWriter(self.redis, self.publisher, self.keys, ref, self.settings, run_token)
 
-    async def declare(self, ref: TaskRef, state: str = "pending") -> bool:
+    async def declare(self, ref: TaskRef, state: State = State.PENDING) -> bool:
         """Create the task's state record if it has none, so gateways know the task before its
         first event. Returns False when the record already existed (nothing is changed)."""
         key = self.keys.state(ref)
         now = datetime.now(UTC).isoformat()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hsetnx(key, "state", state)
-        pipe.hsetnx(key, "created_at", now)
+        pipe.hsetnx(key, Field.STATE, state)
+        pipe.hsetnx(key, Field.CREATED_AT, now)
         created, _ = await pipe.execute()
         return bool(created)
 
@@ -61,7 +63,7 @@ class EventLog:
     async def set_final_value(self, ref: TaskRef, value: Any) -> None:
         """Record a run's final value in its state record (for the completed-task JSON answer),
         when the task sent its terminal event itself."""
-        await self.redis.hset(self.keys.state(ref), "final_value", json.dumps(value))
+        await self.redis.hset(self.keys.state(ref), Field.FINAL_VALUE, json.dumps(value))
 
     async def read_frames(
         self, ref: TaskRef, after: int = 0, before: int | None = None, count: int | None = None
@@ -79,39 +81,108 @@ class TaskWriter:
     Sequence numbers are handed out when an append is submitted, so a task may fire several
     sends at once. Each writer has a token, so the script tells a retry of this writer's own
     append (written once) from another writer's append of the same number (fenced off). While
-    Redis is unreachable an append is retried with the same number for
-    ``Settings.send_retry_seconds``; an append that finally fails or is cancelled makes the
-    writer re-read the stream before the next one, so it never skips or repeats a number.
+    Redis is unreachable an append is re-sent with the same number for
+    ``Settings.send_retry_seconds``. An append whose outcome is unknown (it failed for good, or
+    its caller was cancelled) makes the writer re-read the stream before the next one, once
+    every append it submitted has been answered, so it never skips or repeats a number; should
+    a late append of its own still take a number first, the script answers ``stale`` and the
+    event is numbered again.
 
-    A worker passes its ``run`` token: once another worker has taken the task over (this one's
+    A worker passes its ``run_token``: once another worker has taken the task over (this one's
     lease expired), every append of this writer is refused with :class:`WriterFenced`.
     """
 
-    def __init__(self, log: EventLog, ref: TaskRef, run: str = "") -> None:
-        self.log = log
+    #: How often one append may be numbered anew (``stale``, or ``lost`` once) before giving up.
+    MAX_RENUMBERS = 4
+
+    def __init__(
+        self, redis: Redis, publisher: Publisher, keys: KeySpace, ref: TaskRef, settings: Settings,
+        run_token: str = "",
+    ) -> None:
         self.ref = ref
-        self.run = run
-        self.encoder = DataEncoder(ref, log.settings.max_payload_bytes)
-        self._keys = (log.keys.events(ref), log.keys.state(ref))
-        self._epoch = ""
-        self._next_seq = 0  # 0: not opened yet
-        self._inflight: set[asyncio.Future[list[Any]]] = set()
-        self._resync = True
+        self.run_token = run_token
+        self.encoder = DataEncoder(ref, settings.max_payload_bytes)
         self.token = secrets.token_hex(4)
         #: The terminal event type this writer appended ('' while the run goes on).
         self.ended = ""
+        self._redis = redis
+        self._publisher = publisher
+        self._events_key, self._state_key = keys.events(ref), keys.state(ref)
+        self._retry_seconds = settings.send_retry_seconds
+        self._epoch = ""
+        self._next_seq = 0
+        self._resync = True  # (re-)read the stream's position before the next append
+        self._unanswered: set[asyncio.Future[Reply]] = set()
 
     @property
     def epoch(self) -> str:
         return self._epoch
 
+    async def append(self, event_type: str, payload: dict[str, Any], *, final_value: Any = None) -> EventId:
+        """Append one event and return its id. A terminal type (``complete``, ``error``,
+        ``cancelled``) ends the run; ``final_value`` is stored with it."""
+        data = self.encoder.encode(event_type, payload)
+        terminal = TERMINAL_EVENTS.get(event_type, "")
+        final = json.dumps(final_value) if terminal and final_value is not None else ""
+        request: Append | None = None
+        backoff, deadline, renumbered = Backoff(first=0.05, cap=1.0), 0.0, 0
+        while True:
+            if request is None:  # number the event (again)
+                if self._resync:
+                    await self._open()
+                request = Append(
+                    self._events_key, self._state_key, self._epoch, self._next_seq, event_type,
+                    data, terminal, final, self.token, self.run_token,
+                )
+                self._next_seq += 1
+            try:
+                reply = await self._send(request)
+            except _UNREACHABLE as exc:
+                # The same append again: written once, however many times it is sent.
+                # (ClusterError: redirections ran out while slots move between nodes.)
+                now = asyncio.get_running_loop().time()
+                deadline = deadline or now + self._retry_seconds
+                delay = backoff.delay()
+                if now + delay > deadline:
+                    self._resync = True
+                    raise
+                log.warning("append to %s failed (%s); retrying in %.2fs", self.ref, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if reply.status in (Status.OK, Status.DUP):
+                self.ended = self.ended or (event_type if terminal else "")
+                return EventId(self._epoch, request.seq)
+            self._resync = True
+            renumbered += 1
+            if renumbered < self.MAX_RENUMBERS and reply.status is Status.STALE:
+                request = None  # a late append of ours took the number: take the next one
+                continue
+            if renumbered < self.MAX_RENUMBERS and reply.status is Status.LOST and not self._unanswered:
+                # Redis lost the stream (restart without persistence, failover): start a new
+                # epoch, so every reader learns of the gap through a reset.
+                self._epoch, self._next_seq, self._resync, request = new_epoch(), 1, False, None
+                continue
+            raise self._refused(reply, event_type)
+
+    async def _send(self, request: Append) -> Reply:
+        handle = self._publisher.submit(request)
+        self._unanswered.add(handle)
+        handle.add_done_callback(self._unanswered.discard)
+        try:
+            # Shielded: a cancelled caller leaves the call on the wire; its handle still tells
+            # _open when it has landed.
+            return await asyncio.shield(handle)
+        except BaseException:
+            self._resync = True  # cancelled or failed: the outcome is unknown
+            raise
+
     async def _open(self) -> None:
-        if self._inflight:
-            await asyncio.wait(self._inflight)
-        events_key, state_key = self._keys
-        pipe = self.log.redis.pipeline(transaction=False)
-        pipe.exists(events_key)
-        pipe.hmget(state_key, ["epoch", "last_seq"])
+        """Read where the stream stands, once every append submitted so far is answered."""
+        if self._unanswered:
+            await asyncio.wait(self._unanswered)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(self._events_key)
+        pipe.hmget(self._state_key, [Field.EPOCH, Field.LAST_SEQ])
         exists, (epoch, last_seq) = await pipe.execute()
         if exists and epoch:
             if self._epoch and epoch.decode() != self._epoch:
@@ -121,60 +192,16 @@ class TaskWriter:
             self._epoch, self._next_seq = new_epoch(), 1
         self._resync = False
 
-    async def append(self, event_type: str, payload: dict[str, Any], *, final_value: Any = None) -> EventId:
-        """Append one event and return its id. A terminal type (``complete``, ``error``,
-        ``cancelled``) ends the run; ``final_value`` is stored with it."""
-        data = self.encoder.encode(event_type, payload)
-        terminal = TERMINAL_EVENTS.get(event_type, "")
-        final = json.dumps(final_value) if terminal and final_value is not None else ""
-        if self._resync:
-            await self._open()
-        for _ in range(2):
-            seq = self._next_seq
-            self._next_seq += 1
-            reply = await self._submit_until_answered(seq, event_type, data, terminal, final)
-            status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-            if status in ("ok", "dup"):
-                if terminal:
-                    self.ended = event_type
-                return EventId(self._epoch, seq)
-            self._resync = True
-            if status == "lost" and not self._inflight:
-                # Redis lost the stream (restart without persistence, failover): start a new
-                # epoch, so every reader learns of the gap through a reset.
-                self._epoch, self._next_seq, self._resync = new_epoch(), 1, False
-                continue
-            break
-        if status == "ended":
-            raise TaskEnded(f"task {self.ref} already ended; {event_type!r} was not appended")
-        if status == "lost":
-            raise StreamLost(f"task {self.ref}: the stream vanished; {event_type!r} was not appended")
-        raise WriterFenced(
-            f"task {self.ref}: another writer or run owns the stream (epoch {reply[1]!r}, last "
-            f"event {reply[2]}); {event_type!r} was not appended"
+    def _refused(self, reply: Reply, event_type: str) -> AppendError:
+        if reply.status is Status.ENDED:
+            return TaskEnded(f"task {self.ref} already ended; {event_type!r} was not appended")
+        if reply.status is Status.LOST:
+            return StreamLost(f"task {self.ref}: the stream vanished; {event_type!r} was not appended")
+        return WriterFenced(
+            f"task {self.ref}: another writer or run owns the stream (epoch {reply.epoch!r}, last "
+            f"event {reply.last_seq}); {event_type!r} was not appended"
         )
 
-    async def _submit_until_answered(self, seq: int, event_type: str, data: bytes, terminal: str, final: str) -> list[Any]:
-        """Submit one append, re-sending it (same number: never written twice) while Redis is
-        unreachable, for up to ``send_retry_seconds``."""
-        deadline, delay = 0.0, 0.05  # the clock is read only once an append has failed
-        while True:
-            try:
-                return await self._submit(seq, event_type, data, terminal, final)
-            except (RedisConnectionError, RedisTimeoutError, ClusterError, OSError) as exc:
-                # (ClusterError: redirections ran out while slots move between nodes.)
-                now = asyncio.get_running_loop().time()
-                deadline = deadline or now + self.log.settings.send_retry_seconds
-                if now + delay > deadline:
-                    self._resync = True
-                    raise
-                log.warning("append to %s failed (%s); retrying in %.2fs", self.ref, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except BaseException:
-                self._resync = True  # cancelled or refused: the outcome is unknown
-                raise
 
-    async def _submit(self, seq: int, event_type: str, data: bytes, terminal: str, final: str) -> list[Any]:
-        event = (self._epoch, seq, event_type, data, terminal, final, self.token, self.run)
-        return await self.log.publisher.append((self._keys, event), self._inflight)
+#: Failures that mean Redis did not answer (the append may or may not have been written).
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, OSError)

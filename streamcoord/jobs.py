@@ -1,16 +1,11 @@
 """The job queue: tasks waiting for a worker, in one Redis Stream read by a consumer group.
 
-A task's lifecycle lives in its state record (``<prefix>:{app.Model:pk}:state``)::
-
-    pending ──start──▶ queued ──begin (a worker)──▶ running ──terminal event──▶ completed
-       │                  │                         │  ▲                      failed
-       └────cancel────────┴──▶ cancelling ──event──▶│  │ recover (lease       cancelled
-                                                    │  │ expired: re-run or fail)
-                                                    └──┘
-
-Every arrow is one atomic script on that one key, so two gateways starting the same task lazily,
-or a cancel racing a worker, resolve to exactly one outcome. Only then is the job added to the
-queue stream (another hash slot, so a separate command).
+A task's life is its state record (:mod:`streamcoord.taskstate` draws it). Every move is one
+atomic script on that one key (``start.lua``, ``begin.lua``, ``renew.lua``, ``recover.lua``,
+``hand_back.lua``, ``cancel.lua``), so two gateways starting the same task lazily, or a cancel
+racing a worker, resolve to exactly one outcome. Only then is the job added to the queue stream
+(another hash slot, so a separate command); a start whose job never got there is completed by
+the next start (see ``start.lua``).
 
 A running task has a **lease** (``lease_until``, Redis server time) and a **run token**. Its
 worker renews the lease, and keeps the job's entry fresh in the consumer group's pending list,
@@ -23,90 +18,32 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from . import scripts
 from .keys import KeySpace, TaskRef
+from .taskstate import State
 
 GROUP = "workers"
+#: The pending list is paged through this many entries a call (Redis examines at most ten
+#: times as many per XAUTOCLAIM).
+ABANDONED_PAGE = 100
 
-# Times come from the Redis server's clock (TIME), so leases never depend on worker clocks.
-_NOW_MS = "local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
-# KEYS: state. ARGV: now, mode ("start": from nothing or pending; "lazy": from pending only).
-_START = """
-local s = redis.call('HGET', KEYS[1], 'state')
-if s == 'pending' or (s == false and ARGV[2] == 'start') then
-  redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at', ARGV[1])
-  if s == false then redis.call('HSET', KEYS[1], 'created_at', ARGV[1]) end
-  return {1, s or ''}
-end
-return {0, s or ''}
-"""
-# KEYS: state. ARGV: now, worker id, run token, lease ms. A worker takes a queued task.
-_BEGIN = _NOW_MS + """
-local s = redis.call('HGET', KEYS[1], 'state')
-if s ~= 'queued' then return {0, s or ''} end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[2], 'run', ARGV[3],
-           'running_since', ARGV[1], 'lease_until', now + tonumber(ARGV[4]))
-return {1, attempt}
-"""
-# KEYS: state. ARGV: run token, lease ms, worker id. 1: still ours; 0: another run owns it.
-_RENEW = _NOW_MS + """
-local s = redis.call('HMGET', KEYS[1], 'run', 'state')
-if s[1] == ARGV[1] then
-  if s[2] == 'running' then redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2])) end
-  return 1
-end
-if s[1] == false and (s[2] == false or s[2] == 'running') then
-  -- Redis lost the record (restart without persistence), or an append rebuilt it first:
-  -- the run goes on, and says so.
-  redis.call('HSET', KEYS[1], 'state', 'running', 'run', ARGV[1], 'worker', ARGV[3],
-             'lease_until', now + tonumber(ARGV[2]))
-  return 1
-end
-return 0
-"""
-# KEYS: state. ARGV: new run token, lease ms, worker id, max attempts, now (ISO).
-# For a job whose worker stopped renewing: returns {verdict, attempt}, verdict one of
-#   rerun      the lease expired; this worker owns the task now and runs attempt <attempt>
-#   exhausted  the lease expired on the last allowed attempt; this worker owns it, to fail it
-#   alive      the lease has not expired (a paused worker may come back): try later
-#   queued     never began: run it as usual        ended / missing / other: nothing to run
-_RECOVER = _NOW_MS + """
-local s = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'attempt')
-local attempt = tonumber(s[3] or '0')
-if s[1] ~= 'running' then return {s[1] or 'missing', attempt} end
-if tonumber(s[2] or '0') > now then return {'alive', attempt} end
-redis.call('HSET', KEYS[1], 'run', ARGV[1], 'worker', ARGV[3], 'lease_until', now + tonumber(ARGV[2]))
-if attempt < tonumber(ARGV[4]) then
-  attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-  redis.call('HSET', KEYS[1], 'running_since', ARGV[5])
-  return {'rerun', attempt}
-end
-return {'exhausted', attempt}
-"""
-# KEYS: state. ARGV: run token. Give the task up now (graceful shutdown): the lease ends at once.
-_HAND_BACK = """
-local s = redis.call('HMGET', KEYS[1], 'run', 'state')
-if s[1] ~= ARGV[1] or s[2] ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', 0)
-return 1
-"""
-# KEYS: state. ARGV: now. Returns {state before, worker}; the caller finishes what it started.
-_CANCEL = """
-local s = redis.call('HMGET', KEYS[1], 'state', 'worker')
-if s[1] == 'pending' or s[1] == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelling', 'cancel_requested_at', ARGV[1])
-elseif s[1] == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel_requested_at', ARGV[1])
-end
-return {s[1] or '', s[2] or ''}
-"""
+class Verdict(enum.StrEnum):
+    """What ``recover.lua`` found for a job taken from a stopped worker (the task's own state
+    comes back as the verdict when it is none of these)."""
+
+    RERUN = "rerun"  #: the lease expired: run the next attempt
+    EXHAUSTED = "exhausted"  #: the lease expired on the last attempt: fail the task
+    ALIVE = "alive"  #: the lease has not expired: leave it, look again later
+    QUEUED = "queued"  #: never began: run it as usual
+    MISSING = "missing"  #: no record: nothing to run
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,12 +79,15 @@ class JobQueue:
     def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self.redis = redis
         self.keys = keys
-        self._start = redis.register_script(_START)
-        self._begin = redis.register_script(_BEGIN)
-        self._renew = redis.register_script(_RENEW)
-        self._recover = redis.register_script(_RECOVER)
-        self._hand_back = redis.register_script(_HAND_BACK)
-        self._cancel = redis.register_script(_CANCEL)
+        self._start = scripts.register(redis, "start")
+        self._job_added = scripts.register(redis, "job_added")
+        self._begin = scripts.register(redis, "begin")
+        self._renew = scripts.register(redis, "renew")
+        self._recover = scripts.register(redis, "recover")
+        self._hand_back = scripts.register(redis, "hand_back")
+        self._cancel = scripts.register(redis, "cancel")
+        #: Where the next look for abandoned jobs goes on in the pending list.
+        self._abandoned_cursor = "0-0"
 
     async def ensure_group(self) -> None:
         try:
@@ -158,13 +98,17 @@ class JobQueue:
 
     async def start(self, ref: TaskRef, *, lazy: bool = False) -> StartOutcome:
         """Queue the task unless it is already queued, running or ended (idempotent). ``lazy``
-        starts only a task recorded as pending (the gateway's start on first connect)."""
-        flipped, before = await self._start(
+        starts only a task recorded as pending (the gateway's start on first connect).
+
+        When adding the job fails, this raises and the task stays queued without a job; the
+        next start (a retry, a reconnecting client's lazy start) adds it."""
+        add, before = await self._start(
             keys=[self.keys.state(ref)], args=[_now(), "lazy" if lazy else "start"]
         )
-        outcome = StartOutcome(bool(flipped), _text(before))
-        if outcome.queued:
-            await self.redis.xadd(self.keys.jobs(), {"task": ref.label})
+        outcome = StartOutcome(bool(add), _text(before))
+        if add:
+            entry_id = await self.redis.xadd(self.keys.jobs(), {"task": ref.label})
+            await self._job_added(keys=[self.keys.state(ref)], args=[entry_id])
         return outcome
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[Job]:
@@ -180,19 +124,34 @@ class JobQueue:
             return []
         return [_job(entry_id, fields) for _key, entries in reply or () for entry_id, fields in entries]
 
-    async def claim_abandoned(self, consumer: str, idle_ms: int, count: int = 100) -> list[Job]:
-        """Jobs whose worker stopped refreshing them for ``idle_ms`` (dead, paused, or handed
-        back), now this consumer's."""
-        try:
-            reply: Any = await self.redis.xautoclaim(
-                self.keys.jobs(), GROUP, consumer, min_idle_time=idle_ms, start_id="0-0", count=count
-            )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_group()
-            return []
-        return [_job(entry_id, fields) for entry_id, fields in reply[1] if fields]
+    async def claim_abandoned(self, consumer: str, idle_ms: int, limit: int = 100) -> list[Job]:
+        """Up to ``limit`` jobs whose worker stopped refreshing them for ``idle_ms`` (dead,
+        paused, or handed back), now this consumer's.
+
+        XAUTOCLAIM examines at most ten entries per entry asked for, so one call from the start
+        never reaches abandoned jobs behind a thousand live ones. This pages on through the
+        whole pending list, and a round that stops at ``limit`` leaves a cursor where the next
+        one goes on."""
+        jobs: list[Job] = []
+        cursor = self._abandoned_cursor
+        while len(jobs) < limit:
+            try:
+                reply: Any = await self.redis.xautoclaim(
+                    self.keys.jobs(), GROUP, consumer, min_idle_time=idle_ms, start_id=cursor,
+                    count=min(ABANDONED_PAGE, limit - len(jobs)),
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()
+                cursor = "0-0"
+                break
+            jobs += [_job(entry_id, fields) for entry_id, fields in reply[1] if fields]
+            cursor = _text(reply[0])
+            if cursor == "0-0":  # the whole list was seen
+                break
+        self._abandoned_cursor = cursor
+        return jobs
 
     async def begin(self, ref: TaskRef, worker_id: str, run: str, lease_ms: int) -> int | None:
         """Mark a claimed task running under ``run``; its attempt number, or None when the task
@@ -217,7 +176,7 @@ class JobQueue:
         return [job for job, ok in zip(runs, replies, strict=True) if not ok]
 
     async def recover(self, job: Job, consumer: str, run: str, lease_ms: int, max_attempts: int) -> tuple[str, int]:
-        """Judge a job taken from a stopped worker; see ``_RECOVER`` for the verdicts."""
+        """Judge a job taken from a stopped worker; see :class:`Verdict` and ``recover.lua``."""
         verdict, attempt = await self._recover(
             keys=[self.keys.state(job.ref)], args=[run, lease_ms, consumer, max_attempts, _now()]
         )
@@ -253,7 +212,7 @@ class JobQueue:
         For a pending or queued task the caller then appends the ``cancelled`` event."""
         before, worker = await self._cancel(keys=[self.keys.state(ref)], args=[_now()])
         state, worker_id = _text(before), _text(worker)
-        if state == "running" and worker_id:
+        if state == State.RUNNING and worker_id:
             await self.redis.xadd(
                 self.keys.worker_control(worker_id), {"cancel": ref.label}, maxlen=1000, approximate=True
             )

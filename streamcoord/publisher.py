@@ -1,10 +1,12 @@
-"""Runs the append script: a lone append at once, concurrent ones batched into one call.
+"""Runs the append script: appends submitted at once go out together, as ONE script call.
 
-An append that finds nothing on the wire goes out straight from the caller's task. Appends made
-while a call is on the wire gather, and go out together as ONE script call (one round trip, one
-command for Redis to parse) as soon as the wire is free. Every append carries the sequence
-number it expects to write, so re-sending a call after a lost reply (the writer's retry, or
-ours after NOSCRIPT) never writes twice.
+:meth:`Publisher.submit` queues an append and returns its handle, a future of the script's
+reply. One flusher task sends whatever is queued as one call (one round trip, one command for
+Redis to parse) as soon as the wire is free, so a burst of sends from many tasks costs a few
+round trips, not one each. Since the flusher, not the caller, does the I/O, a caller that is
+cancelled never cuts a call off mid-flight: its append lands or fails like the others, and its
+handle says which. Every append carries the sequence number it expects to write, so re-sending
+a call (after a lost reply, or NOSCRIPT) never writes twice.
 
 Since one call at a time is on the wire, the publisher holds one connection of its own and
 talks to it directly (the command packed in C, one timeout for the round trip): redis-py's
@@ -17,10 +19,10 @@ there a batch goes out as concurrent single-event calls, through the cluster cli
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
-from collections.abc import Sequence
+import contextlib
+import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 from redis.asyncio import Redis
@@ -28,14 +30,50 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import scripts
 from .settings import Settings
 
-#: One event's part of a call: its two keys, and (epoch, seq, type, data, terminal state,
-#: final value, writer token, run token).
-Append = tuple[tuple[str, str], Sequence[str | bytes | int]]
-
-APPEND_SCRIPT = importlib.resources.files(__package__).joinpath("append.lua").read_text()
 MAX_BATCH = 256
+
+
+class Append(NamedTuple):
+    """One event's part of an ``append.lua`` call: its two keys, then its arguments in the
+    script's ARGV order (the script's header names them the same way)."""
+
+    events_key: str
+    state_key: str
+    epoch: str
+    seq: int
+    type: str
+    data: bytes
+    terminal: str  #: the state the event ends the run in, or ''
+    final: str  #: the run's final value as JSON, or ''
+    writer: str  #: the writer's token
+    run: str  #: the run token, '' outside a worker run
+
+
+class Status(enum.StrEnum):
+    """What ``append.lua`` did with one append (its header says when each comes back)."""
+
+    OK = "ok"
+    DUP = "dup"
+    STALE = "stale"
+    ENDED = "ended"
+    FENCED = "fenced"
+    LOST = "lost"
+
+
+class Reply(NamedTuple):
+    """The script's answer for one append: the stream's epoch and last sequence after it."""
+
+    status: Status
+    epoch: str
+    last_seq: int
+
+    @classmethod
+    def decode(cls, raw: list[Any]) -> Reply:
+        status, epoch, last_seq = raw
+        return cls(Status(_text(status)), _text(epoch), int(last_seq))
 
 
 class Publisher:
@@ -46,62 +84,48 @@ class Publisher:
         self._settings = settings
         self._clustered = clustered
         self._sha: str | None = None
-        self._busy = False  # a call is on the wire
-        self._pending: list[tuple[Append, asyncio.Future[list[Any]]]] = []
+        self._queue: list[tuple[Append, asyncio.Future[Reply]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._connection: AbstractConnection | None = None  # ours while the client lives
         #: Round trips made, for tests and stats.
         self.batches = 0
 
-    async def append(self, append: Append, inflight: set[asyncio.Future[list[Any]]]) -> list[Any]:
-        """Run one append; its reply ``[status, epoch, last_seq]``. An append that waits for the
-        next batch is in ``inflight`` until it has been sent (its caller may be cancelled
-        meanwhile: the batch goes out all the same)."""
-        if not self._busy and not self._pending:  # else wait in line: never overtake the queue
-            self._busy = True
-            try:
-                replies = await self._run([append])
-                reply: list[Any] = replies[0]
-                return reply
-            finally:
-                self._busy = False
-                self._start_flusher()
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((append, future))
-        inflight.add(future)
-        future.add_done_callback(inflight.discard)
-        # Shielded: a cancelled caller must not cancel the batch the others wait for.
-        return await asyncio.shield(future)
-
-    def _start_flusher(self) -> None:
-        if self._pending and (self._flusher is None or self._flusher.done()):
+    def submit(self, append: Append) -> asyncio.Future[Reply]:
+        """Queue one append; its handle resolves to the script's reply, or to the error that
+        kept the call from being answered. Await it shielded if the caller may be cancelled."""
+        handle: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        handle.add_done_callback(_observe)
+        self._queue.append((append, handle))
+        if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="streamcoord-publisher")
+        return handle
 
     async def _flush(self) -> None:
-        while self._pending and not self._busy:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            self._busy = True
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
                 replies = await self._run([append for append, _ in batch])
             except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                for _, handle in batch:
+                    if not handle.done():
+                        handle.set_exception(exc)
                 continue
-            finally:
-                self._busy = False
-            for (_, future), reply in zip(batch, replies, strict=True):
-                if not future.done():
-                    future.set_result(reply)
+            except BaseException:
+                for _, handle in batch:  # the loop is closing: nobody hears back
+                    handle.cancel()
+                raise
+            for (_, handle), reply in zip(batch, replies, strict=True):
+                if not handle.done():
+                    handle.set_result(Reply.decode(reply))
 
     async def _run(self, appends: list[Append]) -> list[Any]:
         if self._sha is None:
-            self._sha = await self._redis.script_load(APPEND_SCRIPT)
+            self._sha = await self._redis.script_load(scripts.source("append"))
         try:
             return await self._send(appends)
         except NoScriptError:
             # Redis restarted or SCRIPT FLUSH ran; appends are idempotent, so re-send them all.
-            self._sha = await self._redis.script_load(APPEND_SCRIPT)
+            self._sha = await self._redis.script_load(scripts.source("append"))
             return await self._send(appends)
 
     async def _send(self, appends: list[Append]) -> list[Any]:
@@ -116,9 +140,9 @@ class Publisher:
         assert self._sha is not None
         keys: list[str] = []
         args: list[Any] = list(common)
-        for (events_key, state_key), event_args in appends:
-            keys += (events_key, state_key)
-            args += event_args
+        for append in appends:
+            keys += append[:2]
+            args += append[2:]
         if self._clustered:
             replies: list[Any] = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
             return replies
@@ -157,3 +181,15 @@ class Publisher:
             settings.state_ttl_seconds,
             datetime.now(UTC).isoformat(),
         ]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _observe(handle: asyncio.Future[Reply]) -> None:
+    """A handle whose caller was cancelled is never awaited: fetch its error here, so asyncio
+    does not log it as never retrieved (the writer learns of it when it re-reads)."""
+    if not handle.cancelled():
+        with contextlib.suppress(Exception):
+            handle.exception()

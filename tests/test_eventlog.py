@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,12 @@ from streamcoord import (
     TaskRef,
     WriterFenced,
 )
+from streamcoord.publisher import Append, Status
 
+from .faultproxy import FaultProxy
 from .support import RedisServer
+
+pytestmark = pytest.mark.system
 
 
 def ref(pk: int | str = 1) -> TaskRef:
@@ -71,66 +74,31 @@ async def test_a_retry_of_the_same_append_is_written_once(event_log: EventLog, r
     writer = event_log.writer(ref())
     await writer.append("start", {})
     # Re-send the exact script call for seq 1, as a retry after a lost reply would.
-    reply = await writer._submit(1, "start", b"{}", "", "")
-    assert reply[0] == b"dup"
+    keys = event_log.keys
+    [(_, fields)] = await redis.xrange(keys.events(ref()))
+    again = Append(
+        keys.events(ref()), keys.state(ref()), writer.epoch, 1, "start", fields[b"data"], "", "",
+        writer.token, "",
+    )
+    reply = await event_log.publisher.submit(again)
+    assert reply.status is Status.DUP
     assert await redis.xlen(event_log.keys.events(ref())) == 1
-
-
-class DroppingProxy:
-    """A unix-socket proxy to Redis that can swallow one reply and cut the connection, as a
-    network failure after the command reached Redis would."""
-
-    def __init__(self, path: Path, upstream: Path) -> None:
-        self.path, self.upstream = path, upstream
-        self.drop_next_reply = False
-        self.dropped = 0
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream))
-
-        async def forward_commands() -> None:
-            while data := await reader.read(65536):
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def forward_replies() -> None:
-            while data := await up_reader.read(65536):
-                if self.drop_next_reply and b"ok" in data:
-                    self.drop_next_reply = False
-                    self.dropped += 1
-                    writer.transport.abort()
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        tasks = [asyncio.create_task(forward_commands()), asyncio.create_task(forward_replies())]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-        up_writer.close()
-        writer.close()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[DroppingProxy]:
-        server = await asyncio.start_unix_server(self._handle, str(self.path))
-        async with server:
-            yield self
 
 
 async def test_an_append_whose_reply_is_lost_is_written_once(
     tmp_path: Path, redis_server: RedisServer, redis: Redis, settings: Settings
 ) -> None:
-    async with DroppingProxy(tmp_path / "proxy.sock", redis_server.socket).running() as proxy:
+    async with FaultProxy(tmp_path / "proxy.sock", redis_server.socket).running() as proxy:
         client = Redis(
             unix_socket_path=str(proxy.path), retry=Retry(NoBackoff(), 3)
         )
         log = EventLog(client, settings)
         writer = log.writer(ref())
         await writer.append("start", {})
-        proxy.drop_next_reply = True
+        proxy.cut_reply(lambda reply: b"ok" in reply)
         event_id = await writer.append("progress", {"step": 1})  # reply lost, redis-py re-sends
         await client.aclose()
-    assert proxy.dropped == 1
+    assert proxy.faults == 1
     assert event_id.seq == 2
     assert await seqs(redis, log.keys.events(ref())) == [1, 2]
 

@@ -136,7 +136,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from streamcoord.connection import RedisFactory
     from streamcoord.eventlog import EventLog
     from streamcoord.keys import TaskRef
-    from streamcoord.publisher import APPEND_SCRIPT
+    from streamcoord import scripts
     from streamcoord.settings import Settings
 
     settings = Settings(redis_url=f"unix://{args.redis_socket}")
@@ -153,18 +153,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "sc_awaited": [], "sc_tasks": [], "raw_awaited": [], "raw_pipelined": [],
         "script_awaited": [], "script_pipelined": [],
     }
-    sha = await raw.script_load(APPEND_SCRIPT)
+    sha = await raw.script_load(scripts.source("append"))
     # The script's arguments exactly as the publisher sends one append (whatever they are
     # today): the call's common arguments, then the event's; the sequence is set per call.
     with mock.patch.object(log.publisher, "_call", wraps=log.publisher._call) as spy:
         await log.writer(next(refs)).append("progress", payload(1, args.events))
     common, appends = spy.call_args.args
-    event_args = list(appends[0][1])
+    sent = appends[0]
 
     def script_args(ref: TaskRef, seq: int) -> list[Any]:
-        event = event_args.copy()
-        event[1] = seq
-        return [2, log.keys.events(ref), log.keys.state(ref), *common, *event]
+        event = sent._replace(events_key=log.keys.events(ref), state_key=log.keys.state(ref), seq=seq)
+        return [2, *event[:2], *common, *event[2:]]
 
     async def sc_awaited() -> dict[str, Any]:
         warm = log.writer(next(refs))

@@ -1,0 +1,75 @@
+"""A fault-injecting proxy in front of a real redis-server, for the failures Redis itself
+never produces on demand: a command that never reaches Redis, a reply that never comes back.
+
+It forwards bytes between a unix socket of its own and the server's, and looks at each chunk:
+
+- ``cut_command(match)``: the next command chunk that ``match`` accepts is not forwarded, and
+  the client's connection is cut, as a network failure before the command reached Redis would;
+- ``cut_reply(match)``: the next reply chunk that ``match`` accepts is swallowed and the
+  connection cut, as a network failure after Redis ran the command would.
+
+Each fault fires once; ``faults`` counts those that fired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+Match = Callable[[bytes], bool]
+
+
+class FaultProxy:
+    def __init__(self, path: Path, upstream: Path) -> None:
+        self.path, self.upstream = path, upstream
+        self.faults = 0
+        self._commands: list[Match] = []
+        self._replies: list[Match] = []
+
+    def cut_command(self, match: Match) -> None:
+        self._commands.append(match)
+
+    def cut_reply(self, match: Match) -> None:
+        self._replies.append(match)
+
+    def _fires(self, rules: list[Match], data: bytes) -> bool:
+        for rule in rules:
+            if rule(data):
+                rules.remove(rule)
+                self.faults += 1
+                return True
+        return False
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream))
+
+        async def forward_commands() -> None:
+            while data := await reader.read(65536):
+                if self._fires(self._commands, data):
+                    writer.transport.abort()
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def forward_replies() -> None:
+            while data := await up_reader.read(65536):
+                if self._fires(self._replies, data):
+                    writer.transport.abort()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        tasks = [asyncio.create_task(forward_commands()), asyncio.create_task(forward_replies())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        up_writer.close()
+        writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FaultProxy]:
+        server = await asyncio.start_unix_server(self._handle, str(self.path))
+        async with server:
+            yield self
