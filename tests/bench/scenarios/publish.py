@@ -132,11 +132,11 @@ def latency_summary(samples_ns: list[int]) -> dict[str, Any]:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from redis.asyncio import Redis
 
+    from streamcoord import scripts
     from streamcoord.codec import DataEncoder
     from streamcoord.connection import RedisFactory
     from streamcoord.eventlog import EventLog
     from streamcoord.keys import TaskRef
-    from streamcoord import scripts
     from streamcoord.settings import Settings
 
     settings = Settings(redis_url=f"unix://{args.redis_socket}")
