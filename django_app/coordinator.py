@@ -27,9 +27,10 @@ from streamcoord.eventlog import EventLog, TaskWriter
 from streamcoord.jobs import JobQueue, StartOutcome
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.registry import register_models
+from streamcoord.taskstate import Field, State
 
 from . import conf
-from .models import StreamTask
+from .models import Status, StreamTask
 
 T = TypeVar("T")
 
@@ -60,7 +61,7 @@ class _Runtime:
     """The Redis side of the coordinator, for one event loop."""
 
     redis: Redis
-    log: EventLog
+    events: EventLog
     queue: JobQueue
     models_registered: bool = False
 
@@ -82,8 +83,8 @@ class TaskCoordinator:
         if runtime is None:
             settings = conf.get_settings()
             client = RedisFactory(settings).client("django", max_connections=4)
-            log = EventLog(client, settings)
-            runtime = self._runtimes[loop] = _Runtime(client, log, JobQueue(client, log.keys))
+            events = EventLog(client, settings)
+            runtime = self._runtimes[loop] = _Runtime(client, events, JobQueue(client, events.keys))
         if not runtime.models_registered:
             await self.register_models(runtime)
         return runtime
@@ -98,7 +99,7 @@ class TaskCoordinator:
         """Tell the gateways which task models exist (done on first use in each process)."""
         runtime = runtime or await self._runtime()
         pairs = [(m._meta.app_label, m._meta.object_name or m.__name__) for m in task_models()]
-        await register_models(runtime.redis, runtime.log.keys, pairs)
+        await register_models(runtime.redis, runtime.events.keys, pairs)
         runtime.models_registered = True
 
     def _run_sync(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -124,7 +125,7 @@ class TaskCoordinator:
     async def declare(self, task: StreamTask) -> bool:
         """Record a new task as pending in Redis (done for every new row by a post_save hook)."""
         runtime = await self._runtime()
-        return await runtime.log.declare(task.stream_ref)
+        return await runtime.events.declare(task.stream_ref)
 
     def declare_sync(self, task: StreamTask) -> bool:
         """:meth:`declare` for sync code."""
@@ -147,7 +148,7 @@ class TaskCoordinator:
         runtime = await self._runtime()
         outcome = await runtime.queue.start(ref)
         if outcome.queued:
-            await type(task).objects.filter(pk=task.pk, status="pending").aupdate(status="queued")
+            await type(task).objects.filter(pk=task.pk, status=Status.PENDING).aupdate(status=Status.QUEUED)
         return outcome
 
     def start_task_sync(self, task: StreamTask, *names: str) -> StartOutcome:
@@ -165,7 +166,7 @@ class TaskCoordinator:
         if self._sync_redis is None:
             self._sync_redis = redis.Redis.from_url(conf.get_settings().redis_url)
         state_key = KeySpace(conf.get_settings().key_prefix).state(ref)
-        return self._sync_redis.hget(state_key, "state") == b"running"
+        return self._sync_redis.hget(state_key, Field.STATE) == State.RUNNING.encode()
 
     async def cancel_task(self, task: StreamTask) -> str:
         """Cancel the task wherever it is: a pending or queued one never starts; a running one
@@ -173,11 +174,11 @@ class TaskCoordinator:
         runtime = await self._runtime()
         ref = task.stream_ref
         before, worker = await runtime.queue.request_cancel(ref)
-        if before in ("pending", "queued"):
-            await runtime.log.writer(ref).append("cancelled", {"message": "cancelled before it started"})
-            await task.mark_failed("cancelled before it started", status="cancelled")
+        if before in (State.PENDING, State.QUEUED):
+            await runtime.events.writer(ref).append("cancelled", {"message": "cancelled before it started"})
+            await task.mark_failed("cancelled before it started", status=Status.CANCELLED)
             return "cancelled before it started"
-        if before == "running":
+        if before == State.RUNNING:
             return f"cancellation sent to worker {worker}"
         return f"nothing to cancel: the task is {before or 'unknown to Redis'}"
 
@@ -187,7 +188,7 @@ class TaskCoordinator:
 
     async def writer_for(self, task: StreamTask) -> TaskWriter:
         """A writer of the task's events, for ``send_event`` outside a worker."""
-        return (await self._runtime()).log.writer(task.stream_ref)
+        return (await self._runtime()).events.writer(task.stream_ref)
 
 
 coordinator = TaskCoordinator()

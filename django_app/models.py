@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 
 from django.db import models
 from django.utils import timezone
@@ -11,8 +12,16 @@ from streamcoord.eventlog import TaskWriter
 from streamcoord.ids import EventId
 from streamcoord.keys import TaskRef
 
+#: Makes the writer for ``send_event`` outside a worker. The coordinator installs it when the
+#: app is ready (this module never imports the coordinator: the coordinator imports it).
+WriterFactory = Callable[["StreamTask"], Awaitable[TaskWriter]]
+
 
 class Status(models.TextChoices):
+    """A row's status: the names of :class:`streamcoord.taskstate.State`, all but the Redis-only
+    ``cancelling`` (a row goes from pending or queued straight to cancelled). Spelled out for
+    Django's migrations and type checkers; ``tests/test_django_side.py`` checks they agree."""
+
     PENDING = "pending"
     QUEUED = "queued"
     RUNNING = "running"
@@ -49,6 +58,8 @@ class StreamTask(models.Model):
     time_limit: float | None = None
 
     _stream_writer: TaskWriter | None = None
+    #: Set by the coordinator at app start (see :data:`WriterFactory`).
+    writer_factory: ClassVar[WriterFactory | None] = None
 
     async def process(self) -> Any:
         """Do the work, sending events as it goes. The return value becomes ``final_value``."""
@@ -58,9 +69,9 @@ class StreamTask(models.Model):
         """Send one event to every client of this task (now and later), and return its id.
         ``complete``, ``error`` and ``cancelled`` end the run."""
         if self._stream_writer is None:
-            from .coordinator import coordinator  # the coordinator imports this module
-
-            self._stream_writer = await coordinator.writer_for(self)
+            if StreamTask.writer_factory is None:
+                raise RuntimeError("streamcoord's app is not ready: add 'django_app' to INSTALLED_APPS")
+            self._stream_writer = await StreamTask.writer_factory(self)
         return await self._stream_writer.append(event_type, data)
 
     async def mark_completed(self, final_value: Any = None) -> None:

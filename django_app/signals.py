@@ -7,6 +7,7 @@ from redis.exceptions import RedisError
 
 from streamcoord.errors import ConfigurationError
 
+from .coordinator import coordinator
 from .models import StreamTask
 
 log = logging.getLogger(__name__)
@@ -16,8 +17,6 @@ def record_pending(sender: type, instance: Any, created: bool, raw: bool = False
     """post_save: record a new task as pending in Redis (for lazy start by any gateway)."""
     if not created or raw or not isinstance(instance, StreamTask):
         return
-    from .coordinator import coordinator
-
     try:
         coordinator.declare_sync(instance)
     except (RedisError, OSError, ConfigurationError) as exc:

@@ -10,7 +10,6 @@ sends it as it is: one encoding per event, none per client.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from datetime import UTC, datetime
@@ -82,38 +81,9 @@ class Frame(NamedTuple):
     data: bytes
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Event:
-    """One event read back from a task's stream (gateways go from entries to :class:`Frame`
-    with :func:`entry_frame` instead)."""
-
-    seq: int
-    epoch: bytes
-    type: bytes
-    data: bytes
-
-    @property
-    def id(self) -> bytes:
-        return self.epoch + b"-%d" % self.seq
-
-    @property
-    def terminal(self) -> bool:
-        return self.type in _TERMINAL_TYPES
-
-    def payload(self) -> dict[str, Any]:
-        decoded: dict[str, Any] = json.loads(self.data)
-        return decoded
-
-
-def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
-    """Decode an XRANGE/XREAD entry written by the append script."""
-    seq = int(entry_id.partition(b"-")[0])
-    return Event(seq=seq, epoch=fields[b"epoch"], type=fields[b"type"], data=fields[b"data"])
-
-
 def entry_frame(entry_id: bytes, fields: dict[bytes, bytes]) -> Frame:
     """An XRANGE/XREAD entry straight to its frame: what gateways do for every event they
-    read, so without an :class:`Event` in between."""
+    read, so with nothing decoded in between."""
     seq, epoch, event_type = int(entry_id.partition(b"-")[0]), fields[b"epoch"], fields[b"type"]
     frame = _sse_frame(seq, epoch, event_type, fields[b"data"])
     return Frame(seq, epoch, event_type in _TERMINAL_TYPES, frame)

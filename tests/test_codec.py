@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from streamcoord import sse
-from streamcoord.codec import DataEncoder, Event, decode_entry, entry_frame
+from streamcoord.codec import DataEncoder, entry_frame
 from streamcoord.errors import (
     EventRejected,
     InvalidEventType,
@@ -175,22 +175,18 @@ def test_lone_surrogate_is_rejected_or_valid_utf8() -> None:
 ENTRY = {b"epoch": b"3f9a02bc", b"type": b"progress", b"data": b'{"a":1}'}
 
 
-def test_decode_entry_and_frame() -> None:
-    event = decode_entry(b"17-0", ENTRY)
-    assert event == Event(seq=17, epoch=b"3f9a02bc", type=b"progress", data=b'{"a":1}')
-    assert event.id == b"3f9a02bc-17"
-    assert entry_frame(b"17-0", ENTRY).data == b'id: 3f9a02bc-17\nevent: progress\ndata: {"a":1}\n\n'
-    assert event.payload() == {"a": 1}
+def test_entry_frame() -> None:
+    assert entry_frame(b"17-0", ENTRY) == (
+        17, b"3f9a02bc", False, b'id: 3f9a02bc-17\nevent: progress\ndata: {"a":1}\n\n'
+    )
 
 
 def test_frame_of_encoded_data_round_trips() -> None:
     data = encoder().encode("progress", {"line": "a\nb"}, now=NOW)
-    fields = {b"epoch": b"e", b"type": b"progress", b"data": data}
-    event = decode_entry(b"3-0", fields)
-    frame = entry_frame(b"3-0", fields).data
+    frame = entry_frame(b"3-0", {b"epoch": b"e", b"type": b"progress", b"data": data}).data
     assert frame.startswith(b"id: e-3\nevent: progress\ndata: {")
     assert frame.count(b"\n\n") == 1
-    assert event.payload()["line"] == "a\nb"
+    assert json.loads(frame.split(b"data: ", 1)[1])["line"] == "a\nb"
 
 
 @pytest.mark.parametrize(
@@ -206,8 +202,7 @@ def test_frame_of_encoded_data_round_trips() -> None:
     ],
 )
 def test_terminal(event_type: bytes, terminal: bool) -> None:
-    event = decode_entry(b"1-0", {**ENTRY, b"type": event_type})
-    assert event.terminal is terminal
+    assert entry_frame(b"1-0", {**ENTRY, b"type": event_type}).terminal is terminal
 
 
 @pytest.mark.parametrize(
@@ -220,9 +215,8 @@ def test_terminal(event_type: bytes, terminal: bool) -> None:
 )
 def test_frame_matches_the_sse_encoder(fields: dict[bytes, bytes]) -> None:
     """The formatted fast path and the general encoder give the same bytes."""
-    event = decode_entry(b"9-0", fields)
-    frame = sse.encode_event(fields[b"data"], event=fields[b"type"], id=event.id)
-    assert entry_frame(b"9-0", fields) == (9, fields[b"epoch"], event.terminal, frame)
+    frame = sse.encode_event(fields[b"data"], event=fields[b"type"], id=fields[b"epoch"] + b"-9")
+    assert entry_frame(b"9-0", fields) == (9, fields[b"epoch"], fields[b"type"] == b"complete", frame)
 
 
 @pytest.mark.parametrize("epoch", [b"e\n1", b"e\r1", b"e\x001"])

@@ -20,6 +20,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from streamcoord.taskstate import ENDED
+
 from .support import Gateway, Project, RawSSE, SSEEvent
 from .workload import (
     assert_gap_free,
@@ -211,7 +213,7 @@ async def test_is_task_running_is_true_while_a_worker_runs_it_then_false(r: Redi
     assert again[2] is False and "running" in again[4], again
     assert await jobs_added(r) == 1
     set_continue(project, pk)
-    await wait_state(r, "ContinueTask", pk, {"completed", "failed", "cancelled"}, 20)
+    await wait_state(r, "ContinueTask", pk, set(ENDED), 20)
     assert (await task_state(r, "ContinueTask", pk))["state"] == "completed", logs(worker)
     assert is_running(project, "ContinueTask", pk) == "False"
     # A pending task is not running either.

@@ -32,15 +32,16 @@ import pytest
 from redis.asyncio import Redis
 
 from streamcoord import EventLog, Settings, TaskRef, WriterFenced
-from streamcoord.codec import Event
 from streamcoord.connection import RedisFactory
 from streamcoord.ids import EventId
 from streamcoord.registry import register_models
+from streamcoord.taskstate import ENDED
 
 from .support import Gateway, Project, RawSSE, RedisServer, SSEEvent, gateway_redis_connections
 from .workload import (
     KEYS,
     TERMINAL,
+    Event,
     Follower,
     as_received,
     as_sent,
@@ -151,7 +152,7 @@ async def all_done(followers: Sequence[Follower], reading: Sequence[asyncio.Task
 # -- the project and Redis ---------------------------------------------------------------------
 
 
-ENDED_ROWS = frozenset({"completed", "failed", "cancelled"})
+ENDED_ROWS = frozenset(ENDED)
 
 
 async def settled_rows(project: Project, refs: Sequence[TaskRef], within: float = 15) -> dict[TaskRef, tuple[str, str]]:

@@ -42,12 +42,14 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from streamcoord.taskstate import TERMINAL_EVENTS
+
 from .support import REPO, Project, RawSSE, SSEEvent, wait_for
 from .workload import assert_gap_free, create_tasks_streamed, set_continue, triples
 
 CONF = REPO / "deploy" / "nginx" / "streamcoord.conf"
 UPSTREAM = "streamcoord_gateways"
-TERMINAL = frozenset({"complete", "error", "cancelled"})
+TERMINAL = frozenset(TERMINAL_EVENTS)
 #: Upstream parameters for the test: a dead gateway is retried after a second, not five.
 SERVER_PARAMS = "max_fails=1 fail_timeout=1s"
 

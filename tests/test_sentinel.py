@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from streamcoord.taskstate import ENDED
+
 from .redistopo import HOST, Node, SentinelGroup
 from .support import Gateway
 from .workload import (
@@ -46,8 +48,6 @@ from .workload import (
     stream_problems,
     until,
 )
-
-ENDED = frozenset({"completed", "failed", "cancelled"})
 
 
 def report(directory: Path, scenario: str, **figures: Any) -> None:

@@ -21,8 +21,8 @@ import httpx
 from redis.asyncio import Redis
 
 from streamcoord import TaskRef
-from streamcoord.codec import Event, decode_entry
 from streamcoord.keys import KeySpace
+from streamcoord.taskstate import TERMINAL_EVENTS
 
 from .support import (
     REPO,
@@ -32,7 +32,7 @@ from .support import (
     SSEEvent,
 )
 
-TERMINAL = frozenset({"complete", "error", "cancelled"})
+TERMINAL = frozenset(TERMINAL_EVENTS)
 
 
 KEYS = KeySpace("sc")
@@ -202,6 +202,28 @@ def row(project: Project, ref: TaskRef) -> tuple[str, str]:
 async def state(redis: Redis, ref: TaskRef) -> dict[str, str]:
     raw: Any = await redis.hgetall(KEYS.state(ref))
     return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a task's stream, decoded for assertions (gateways never decode entries)."""
+
+    seq: int
+    epoch: bytes
+    type: bytes
+    data: bytes
+
+    @property
+    def id(self) -> bytes:
+        return self.epoch + b"-%d" % self.seq
+
+    @property
+    def terminal(self) -> bool:
+        return self.type.decode() in TERMINAL_EVENTS
+
+
+def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
+    return Event(int(entry_id.partition(b"-")[0]), fields[b"epoch"], fields[b"type"], fields[b"data"])
 
 
 async def stream(redis: Redis, ref: TaskRef) -> list[Event]:

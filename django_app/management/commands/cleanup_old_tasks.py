@@ -11,6 +11,7 @@ from django.utils import timezone
 from django_app import conf
 from django_app.coordinator import task_models
 from streamcoord.keys import KeySpace, TaskRef
+from streamcoord.taskstate import ENDED
 
 
 class Command(BaseCommand):
@@ -25,7 +26,7 @@ class Command(BaseCommand):
         keys = KeySpace(settings.key_prefix)
         client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
         cutoff = timezone.now() - timedelta(hours=hours)
-        ended = Q(status__in=["completed", "failed", "cancelled"]) | Q(completed_at__isnull=False)
+        ended = Q(status__in=sorted(ENDED)) | Q(completed_at__isnull=False)
         total = 0
         # Proxy models share their concrete model's rows, but their tasks' keys carry the proxy's
         # name: delete rows once per table, and keys under every name that table's rows go by.
