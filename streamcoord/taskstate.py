@@ -123,6 +123,12 @@ class TaskState:
     def ended(self) -> bool:
         return self.state in ENDED
 
+    @property
+    def awaits_start(self) -> bool:
+        """Pending, or queued without a job: a start cut off before its job reached the queue,
+        which the next start completes (``start.lua``)."""
+        return self.state == State.PENDING or (self.state == State.QUEUED and not self.job)
+
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> TaskState | None:
         """Decode ``HGETALL`` of the record; None when there is no record. Unknown fields are

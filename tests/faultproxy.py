@@ -8,7 +8,8 @@ It forwards bytes between a unix socket of its own and the server's, and looks a
 - ``cut_reply(match)``: the next reply chunk that ``match`` accepts is swallowed and the
   connection cut, as a network failure after Redis ran the command would.
 
-Each fault fires once; ``faults`` counts those that fired.
+Each fault fires once (or ``times`` times: more than a client's retries, for a failure that
+outlasts them); ``faults`` counts those that fired, ``clear()`` drops those that did not.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ class FaultProxy:
         self._commands: list[Match] = []
         self._replies: list[Match] = []
 
-    def cut_command(self, match: Match) -> None:
-        self._commands.append(match)
+    def cut_command(self, match: Match, times: int = 1) -> None:
+        self._commands += [match] * times
 
-    def cut_reply(self, match: Match) -> None:
-        self._replies.append(match)
+    def cut_reply(self, match: Match, times: int = 1) -> None:
+        self._replies += [match] * times
+
+    def clear(self) -> None:
+        self._commands.clear()
+        self._replies.clear()
 
     def _fires(self, rules: list[Match], data: bytes) -> bool:
         for rule in rules:

@@ -3,8 +3,10 @@ of abandoned jobs behind any number of live ones."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -16,7 +18,7 @@ from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.taskstate import State
 
 from .faultproxy import FaultProxy
-from .support import RedisServer
+from .support import RedisServer, start_gateway
 
 pytestmark = pytest.mark.system
 
@@ -65,6 +67,32 @@ async def test_a_start_whose_job_xadd_failed_is_completed_by_the_next_start(
     [job] = await worker.claim("w1", 10, 100)
     assert job.ref == REF
     assert await worker.begin(REF, "w1", "run-1", 30_000) == 1
+
+
+async def test_a_gateway_lazy_start_cut_off_is_completed_when_the_client_comes_back(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> None:
+    """The first client of a pending task gets 503 when the job cannot be queued; its reconnect,
+    to any gateway, starts the task instead of finding it 'queued' forever."""
+    await redis.hset(KEYS.state(REF), "state", State.PENDING)
+    async with FaultProxy(tmp_path / "proxy.sock", redis_server.socket).running() as proxy:
+        gateway = await asyncio.to_thread(start_gateway, tmp_path, f"unix://{proxy.path}")
+        try:
+            transport = httpx.AsyncHTTPTransport(uds=str(gateway.socket))
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as http:
+                proxy.cut_command(job_xadd, times=100)  # outlasts redis-py's own retries
+                first = await http.get("/stream/shop/Job/1", headers={"accept": "text/event-stream"})
+                assert first.status_code == 503, first.text
+                assert proxy.faults > 0 and await redis.xlen(KEYS.jobs()) == 0
+                proxy.clear()
+                async with http.stream(
+                    "GET", "/stream/shop/Job/1", headers={"accept": "text/event-stream"}
+                ) as again:
+                    assert again.status_code == 200
+            [(entry_id, _)] = await redis.xrange(KEYS.jobs())
+            assert await redis.hget(KEYS.state(REF), "job") == entry_id
+        finally:
+            await asyncio.to_thread(gateway.stop)
 
 
 async def test_a_second_job_of_one_start_is_never_run_twice(redis: Redis) -> None:
