@@ -84,9 +84,9 @@ class TaskWriter:
     Redis is unreachable an append is re-sent with the same number for
     ``Settings.send_retry_seconds``. An append whose outcome is unknown (it failed for good, or
     its caller was cancelled) makes the writer re-read the stream before the next one, once
-    every append it submitted has been answered, so it never skips or repeats a number; should
-    a late append of its own still take a number first, the script answers ``stale`` and the
-    event is numbered again.
+    every queued append has been answered, so it never skips or repeats a number; should a late
+    append of its own still take a number first (one cut off on the wire lands after the
+    re-read), the script answers ``stale`` and the event is numbered again.
 
     A worker passes its ``run_token``: once another worker has taken the task over (this one's
     lease expired), every append of this writer is refused with :class:`WriterFenced`.
@@ -112,7 +112,6 @@ class TaskWriter:
         self._epoch = ""
         self._next_seq = 0
         self._resync = True  # (re-)read the stream's position before the next append
-        self._unanswered: set[asyncio.Future[Reply]] = set()
 
     @property
     def epoch(self) -> str:
@@ -154,10 +153,14 @@ class TaskWriter:
                 return EventId(self._epoch, request.seq)
             self._resync = True
             renumbered += 1
-            if renumbered < self.MAX_RENUMBERS and reply.status is Status.STALE:
-                request = None  # a late append of ours took the number: take the next one
+            if renumbered >= self.MAX_RENUMBERS:
+                raise self._refused(reply, event_type)
+            if reply.status is Status.STALE or (reply.status is Status.LOST and request.epoch != self._epoch):
+                # A late append of ours took the number, or a concurrent append of ours has
+                # already started the stream anew: number the event again.
+                request = None
                 continue
-            if renumbered < self.MAX_RENUMBERS and reply.status is Status.LOST and not self._unanswered:
+            if reply.status is Status.LOST:
                 # Redis lost the stream (restart without persistence, failover): start a new
                 # epoch, so every reader learns of the gap through a reset.
                 self._epoch, self._next_seq, self._resync, request = new_epoch(), 1, False, None
@@ -165,21 +168,15 @@ class TaskWriter:
             raise self._refused(reply, event_type)
 
     async def _send(self, request: Append) -> Reply:
-        handle = self._publisher.submit(request)
-        self._unanswered.add(handle)
-        handle.add_done_callback(self._unanswered.discard)
         try:
-            # Shielded: a cancelled caller leaves the call on the wire; its handle still tells
-            # _open when it has landed.
-            return await asyncio.shield(handle)
+            return await self._publisher.append(request)
         except BaseException:
             self._resync = True  # cancelled or failed: the outcome is unknown
             raise
 
     async def _open(self) -> None:
-        """Read where the stream stands, once every append submitted so far is answered."""
-        if self._unanswered:
-            await asyncio.wait(self._unanswered)
+        """Read where the stream stands, once every append queued so far is answered."""
+        await self._publisher.settled()
         pipe = self._redis.pipeline(transaction=False)
         pipe.exists(self._events_key)
         pipe.hmget(self._state_key, [Field.EPOCH, Field.LAST_SEQ])

@@ -1,12 +1,13 @@
-"""Runs the append script: appends submitted at once go out together, as ONE script call.
+"""Runs the append script: a lone append at once, concurrent ones batched into one call.
 
-:meth:`Publisher.submit` queues an append and returns its handle, a future of the script's
-reply. One flusher task sends whatever is queued as one call (one round trip, one command for
-Redis to parse) as soon as the wire is free, so a burst of sends from many tasks costs a few
-round trips, not one each. Since the flusher, not the caller, does the I/O, a caller that is
-cancelled never cuts a call off mid-flight: its append lands or fails like the others, and its
-handle says which. Every append carries the sequence number it expects to write, so re-sending
-a call (after a lost reply, or NOSCRIPT) never writes twice.
+An append that finds nothing on the wire goes out straight from the caller's task (no task
+switch: the common case of a task awaiting its sends one by one). Appends made while a call is
+on the wire queue up (:meth:`Publisher.submit` returns each one's handle, a future of its
+reply), and go out together as ONE script call (one round trip, one command for Redis to parse)
+as soon as the wire is free. Every append carries the sequence number it expects to write and
+its content, so re-sending it (a lost reply, NOSCRIPT) never writes it twice, and an append
+whose outcome its caller never learned (cancelled, timed out) is recognised if it lands late
+(``append.lua`` answers ``stale`` to the next append that wanted its number).
 
 Since one call at a time is on the wire, the publisher holds one connection of its own and
 talks to it directly (the command packed in C, one timeout for the round trip): redis-py's
@@ -85,24 +86,52 @@ class Publisher:
         self._clustered = clustered
         self._sha: str | None = None
         self._queue: list[tuple[Append, asyncio.Future[Reply]]] = []
+        self._busy = False  # a call is on the wire
+        self._batch: list[asyncio.Future[Reply]] = []  # the handles of the batch on the wire
         self._flusher: asyncio.Task[None] | None = None
         self._connection: AbstractConnection | None = None  # ours while the client lives
         #: Round trips made, for tests and stats.
         self.batches = 0
 
+    async def append(self, append: Append) -> Reply:
+        """Run one append and return the script's reply: from the caller's task when the wire
+        is free, else with the next batch."""
+        if self._busy or self._queue:  # wait in line: never overtake the queue
+            return await asyncio.shield(self.submit(append))  # the batch goes out regardless
+        self._busy = True
+        try:
+            [reply] = await self._run([append])
+            return Reply.decode(reply)
+        finally:
+            self._busy = False
+            self._start_flusher()
+
     def submit(self, append: Append) -> asyncio.Future[Reply]:
-        """Queue one append; its handle resolves to the script's reply, or to the error that
-        kept the call from being answered. Await it shielded if the caller may be cancelled."""
+        """Queue one append for the next batch; its handle resolves to the script's reply, or
+        to the error that kept the call from being answered."""
         handle: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         handle.add_done_callback(_observe)
         self._queue.append((append, handle))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="streamcoord-publisher")
+        self._start_flusher()
         return handle
 
+    async def settled(self) -> None:
+        """Return once every append queued so far has been answered (a writer waits for this
+        before it re-reads where its stream stands)."""
+        waiting = [handle for _, handle in self._queue]
+        if self._batch:
+            waiting += self._batch
+        if waiting:
+            await asyncio.wait(waiting)
+
+    def _start_flusher(self) -> None:
+        if self._queue and not self._busy and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.create_task(self._flush(), name="streamcoord-publisher")
+
     async def _flush(self) -> None:
-        while self._queue:
+        while self._queue and not self._busy:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            self._busy, self._batch = True, [handle for _, handle in batch]
             try:
                 replies = await self._run([append for append, _ in batch])
             except Exception as exc:
@@ -114,6 +143,8 @@ class Publisher:
                 for _, handle in batch:  # the loop is closing: nobody hears back
                     handle.cancel()
                 raise
+            finally:
+                self._busy, self._batch = False, []
             for (_, handle), reply in zip(batch, replies, strict=True):
                 if not handle.done():
                     handle.set_result(Reply.decode(reply))
@@ -189,7 +220,7 @@ def _text(value: Any) -> str:
 
 def _observe(handle: asyncio.Future[Reply]) -> None:
     """A handle whose caller was cancelled is never awaited: fetch its error here, so asyncio
-    does not log it as never retrieved (the writer learns of it when it re-reads)."""
+    does not log it as never retrieved."""
     if not handle.cancelled():
         with contextlib.suppress(Exception):
             handle.exception()

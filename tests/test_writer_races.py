@@ -81,23 +81,36 @@ async def test_a_terminal_event_after_a_late_append_is_written_exactly_once(
     assert publisher.calls == [[1], [2], [3], [3], [4]]  # numbered 3 from the re-read, then 4
 
 
-async def test_a_cancelled_append_is_waited_for_before_the_writer_reads_again(
-    redis_server: RedisServer, redis: Redis
+@pytest.mark.parametrize("queued", [False, True], ids=["on the wire", "queued"])
+async def test_a_cancelled_append_never_costs_the_next_one(
+    redis_server: RedisServer, redis: Redis, queued: bool
 ) -> None:
-    """A cancelled caller leaves its append on the wire; the writer's next append waits for its
-    answer before re-reading, so it numbers after it (no renumbering needed)."""
+    """Cancelled on the wire, an append may land or not, before or after the writer's re-read;
+    queued, it still goes out with its batch and the writer waits for it before re-reading.
+    Either way the next event is written once, numbered right after what is there."""
     settings = Settings(redis_url=redis_server.url)
     log = EventLog(redis, settings)
     writer = log.writer(REF, "")
     await writer.append("start", {})
+    other = log.writer(TaskRef("shop", "Job", "8"), "")
+    await other.append("start", {})
+    if queued:  # another task's append holds the wire, so this one waits in the queue
+        busy = asyncio.create_task(other.append("progress", {}))
+        await asyncio.sleep(0)
     sending = asyncio.create_task(writer.append("progress", {"n": 1}))
-    await asyncio.sleep(0)  # submitted, not answered
+    await asyncio.sleep(0)
+    assert len(log.publisher._queue) == (1 if queued else 0)
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sending
     done = await writer.append("complete", {})
-    assert done.seq == 3
-    assert await entries(redis, log) == [(1, "start"), (2, "progress"), (3, "complete")]
+    written = await entries(redis, log)
+    assert [seq for seq, _ in written] == list(range(1, len(written) + 1))
+    assert [kind for _, kind in written] in (["start", "complete"], ["start", "progress", "complete"])
+    if queued:
+        await busy
+        assert written == [(1, "start"), (2, "progress"), (3, "complete")]
+    assert done.seq == len(written)
 
 
 async def test_a_true_retry_of_a_written_event_is_still_a_dup(redis_server: RedisServer, redis: Redis) -> None:
