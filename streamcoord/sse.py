@@ -14,7 +14,8 @@ import re
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
-#: Sent by the gateway as soon as a stream opens, so headers leave at once.
+#: Comment lines (ignored by clients). Sent by the gateway as soon as a stream opens, so
+#: headers leave at once; and on an idle stream, to keep proxies from timing it out.
 OPEN_COMMENT = b": stream open\n"
 HEARTBEAT = b": heartbeat\n"
 
@@ -40,11 +41,6 @@ def encode_event(data: bytes, *, event: bytes | None = None, id: bytes | None = 
     else:
         out += b"data: " + data + b"\n"
     return out + b"\n"
-
-
-def encode_comment(text: bytes) -> bytes:
-    """Comment lines (ignored by clients; keep proxies from timing the connection out)."""
-    return b"".join(b": " + line + b"\n" for line in _LINE_BREAK.split(text))
 
 
 def encode_retry(milliseconds: int) -> bytes:
