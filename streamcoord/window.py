@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .codec import Frame
+from .ids import EventId
 
 
 class Window:
@@ -26,11 +27,6 @@ class Window:
 
     def __len__(self) -> int:
         return len(self.frames)
-
-    @property
-    def first(self) -> int:
-        """Sequence of the oldest frame (0 when empty)."""
-        return self.frames[0].seq if self.frames else 0
 
     @property
     def last(self) -> int:
@@ -67,6 +63,16 @@ class Window:
         if not frames or epoch != frames[0].epoch or not frames[0].seq - 1 <= seq <= frames[-1].seq:
             return None
         return frames_after(frames, seq)
+
+    def start_frames(self, last_id: EventId | None, latest: bool) -> list[Frame] | None:
+        """What a client starting from the window is sent first: the frames after ``last_id``,
+        else the latest frame alone (``latest``), else the whole stream; None when the window
+        cannot tell (it does not reach back that far, or holds another epoch)."""
+        if last_id is not None:
+            return self.after(last_id.seq, last_id.epoch.encode())
+        if latest:
+            return self.frames[-1:] or None
+        return self.after(0, self.epoch)
 
 
 def frames_after(frames: list[Frame], seq: int) -> list[Frame]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from streamcoord.codec import Frame
+from streamcoord.ids import EventId
 from streamcoord.window import Window
 
 
@@ -16,8 +17,10 @@ def seqs(got: list[Frame] | None) -> list[int] | None:
 
 def test_an_empty_window_covers_nothing() -> None:
     window = Window(10)
-    assert (window.first, window.last, window.epoch, window.ended) == (0, 0, b"", False)
+    assert (window.last, window.epoch, window.ended) == (0, b"", False)
     assert window.after(0, b"") is None
+    assert window.start_frames(None, latest=False) is None
+    assert window.start_frames(None, latest=True) is None
 
 
 def test_it_tells_the_frames_after_any_position_it_covers() -> None:
@@ -35,17 +38,19 @@ def test_it_keeps_at_least_limit_frames_and_at_most_twice_that() -> None:
     for n in range(1, 101):
         window.extend(frames(n, n))
         assert min(n, 4) <= len(window) <= 8
-        assert window.last == n and window.first == n - len(window) + 1
+        oldest = n - len(window) + 1  # it covers every position from just before its oldest frame
+        assert window.last == n and seqs(window.after(oldest - 1, b"e1")) == list(range(oldest, n + 1))
+        assert oldest == 1 or window.after(oldest - 2, b"e1") is None
     assert seqs(window.after(96, b"e1")) == [97, 98, 99, 100]
 
 
 def test_a_gap_or_a_new_epoch_starts_it_afresh() -> None:
     window = Window(10, frames(1, 5))
     window.extend(frames(8, 9))  # 6 and 7 were trimmed before the hub read them
-    assert (window.first, window.last) == (8, 9)
+    assert seqs(window.frames) == [8, 9]
     assert window.after(5, b"e1") is None
     window.extend(frames(1, 2, b"e2"))
-    assert (window.first, window.last, window.epoch) == (1, 2, b"e2")
+    assert (seqs(window.frames), window.epoch) == ([1, 2], b"e2")
 
 
 def test_ended_means_the_newest_frame_is_terminal() -> None:
@@ -58,3 +63,16 @@ def test_ended_means_the_newest_frame_is_terminal() -> None:
 def test_a_limit_of_zero_keeps_nothing() -> None:
     window = Window(0, frames(1, 5))
     assert len(window) == 0 and window.after(0, b"e1") is None
+
+
+def test_where_a_client_starts_from_it() -> None:
+    whole = Window(10, frames(1, 5))
+    assert seqs(whole.start_frames(EventId("e1", 3), latest=False)) == [4, 5]
+    assert seqs(whole.start_frames(EventId("e1", 3), latest=True)) == [4, 5]  # a position wins
+    assert seqs(whole.start_frames(None, latest=True)) == [5]
+    assert seqs(whole.start_frames(None, latest=False)) == [1, 2, 3, 4, 5]
+    assert whole.start_frames(EventId("e2", 3), latest=False) is None  # another epoch
+    later = Window(10, frames(4, 5))
+    assert later.start_frames(None, latest=False) is None  # the stream's start is not here
+    assert seqs(later.start_frames(None, latest=True)) == [5]
+    assert later.start_frames(EventId("e1", 2), latest=False) is None
