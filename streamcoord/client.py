@@ -12,8 +12,15 @@ The client remembers the last event id; after a dropped connection (a transport 
 response ending before a terminal event, a gateway shutting down, a 408/429/502/503/504 answer)
 it waits and reconnects with ``Last-Event-ID``, so no event is lost or yielded twice. It stops
 after a terminal event (``complete``, ``error``, ``cancelled``) or a ``204`` answer, and raises
-:class:`StreamClientError` on any other error answer. ``reset`` events are yielded too: they
-say the history was replaced, and the events after one are the task's stream from its start.
+:class:`StreamClientError` on any other error answer.
+
+``reset`` events (without an id) are yielded too: history the client has, or lacks, is gone.
+:attr:`StreamEvent.reset_reason` says why, and so what the events after it are
+(:class:`~streamcoord.resets.ResetReason`): the stream from its start when the client's events
+no longer exist (``epoch``, ``position``, ``lost``), the events still held after its position
+when what it lacked was trimmed away (``trimmed``, also in the middle of a stream), the outcome
+alone when the stream expired (``expired``). After a reset the client forgets its last event id
+until the next event brings one; a reconnect in between asks for the stream from its start.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from .errors import StreamcoordError
+from .resets import RESET_EVENT, ResetReason
 from .taskstate import TERMINAL_EVENTS
 
 #: Used when neither the caller nor the server names a reconnect delay (seconds).
@@ -71,6 +79,18 @@ class StreamEvent:
     def terminal(self) -> bool:
         """True for ``complete``, ``error`` and ``cancelled``: the task's last event."""
         return self.event in TERMINAL_EVENTS
+
+    @property
+    def reset_reason(self) -> ResetReason | None:
+        """Why history was reset, for a ``reset`` event; None for any other event (and for a
+        reason this client does not know)."""
+        reason = self.data.get("reason")
+        if self.event != RESET_EVENT or not isinstance(reason, str):
+            return None
+        try:
+            return ResetReason(reason)
+        except ValueError:
+            return None
 
 
 def task_path(model: str, task_id: str | int, app_label: str | None = None) -> str:
@@ -161,8 +181,10 @@ async def stream_task(
                             failures = 0
                             if event.id is not None:
                                 position = event.id
-                            elif event.event == "reset":
-                                position = None  # what follows is the stream from its start
+                            elif event.event == RESET_EVENT:
+                                # The position may name history that is gone: the next event's
+                                # id replaces it; until then a reconnect asks for everything.
+                                position = None
                             yield event
                             if event.terminal:
                                 return
