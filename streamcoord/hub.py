@@ -2,13 +2,13 @@
 
 One task reads every stream that has listeners in this process with a single blocking XREAD
 (a concrete last id per key), encodes what it read from each stream once, as one batch, and
-appends that batch to each listener's bounded queue: a client in step writes it as it is. A listener that lets its queue fill up is closed, and the task
+appends that batch to each listener's bounded queue (:mod:`streamcoord.listener`): a client
+in step writes it as it is. A listener that lets its queue fill up is closed, and the task
 writing to it cancelled, so one slow client never holds up the others; it resumes from Redis
 with Last-Event-ID.
 
-Adding a stream while the XREAD blocks: the hub appends to its own small wake stream, which the
-XREAD always includes, so the read returns and the next one covers the new key. Stream ids are
-persistent, so a wake-up can never be missed.
+Adding a stream while the XREAD blocks: the hub appends to its own small :class:`WakeStream`,
+which the XREAD always includes, so the read returns and the next one covers the new key.
 
 In a Redis Cluster one XREAD can neither span hash slots nor block on several, so there the
 hub polls instead: one pipeline per round with one non-blocking XREAD per slot's streams,
@@ -30,12 +30,14 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from . import sse
+from .backoff import Backoff
 from .codec import Frame, entry_frame
 from .flight import SingleFlight
 from .ids import EventId
 from .keys import KeySpace
+from .listener import HEARTBEAT, REWIND, Listener, make_batch
 from .settings import Settings
+from .taskstate import Field
 from .window import Window
 
 log = logging.getLogger(__name__)
@@ -47,40 +49,8 @@ REVALIDATE_SECONDS = 30.0
 #: Cluster polling: the pause after a round that read nothing (the added latency, at most).
 POLL_SECONDS = 0.01
 WAKE_TTL_SECONDS = 24 * 3600
-
-
-class Batch(NamedTuple):
-    """What one XREAD brought from one stream, encoded once and shared by every listener."""
-
-    frames: tuple[Frame, ...]
-    #: The frames' bytes, joined: what a listener in step with the stream writes.
-    data: bytes
-    #: The epoch of every frame, or b"" when they differ (then listeners go frame by frame).
-    epoch: bytes
-    first: int  # sequence of the first frame; 0 for a heartbeat, -1 for a rewind
-    last: int
-    terminal: bool
-
-    @property
-    def heartbeat(self) -> bool:
-        return self.first == 0
-
-    @property
-    def rewind(self) -> bool:
-        """Redis lost events of this stream: what a listener sent may no longer exist."""
-        return self.first == -1
-
-
-def make_batch(frames: list[Frame]) -> Batch:
-    epoch = frames[0].epoch if all(f.epoch == frames[0].epoch for f in frames) else b""
-    return Batch(
-        tuple(frames), b"".join(f.data for f in frames), epoch,
-        frames[0].seq, frames[-1].seq, any(f.terminal for f in frames),
-    )
-
-
-HEARTBEAT = Batch((), sse.HEARTBEAT, b"", 0, 0, False)
-REWIND = Batch((), b"", b"", -1, -1, False)
+#: The state record's fields that give a stream's position in Redis (HMGET, in this order).
+POSITION_FIELDS = [Field.EPOCH, Field.LAST_SEQ]
 
 
 class Position(NamedTuple):
@@ -91,66 +61,10 @@ class Position(NamedTuple):
     #: The window's last sequence when the read was sent: Redis must hold at least that much.
     window_last: int
 
-
-class Listener:
-    """One client's bounded queue of batches from one stream.
-
-    The bound is checked when a batch arrives: a client still holding ``limit`` frames it has
-    not taken is not keeping up. A client that keeps up takes whole batches, so a burst larger
-    than the bound (one XREAD returns up to READ_COUNT events) does not cut it.
-    """
-
-    __slots__ = ("_loop", "_waiter", "batches", "closed", "key", "limit", "pending", "task")
-
-    def __init__(self, key: bytes, limit: int) -> None:
-        self.key = key
-        self.limit = limit
-        self.batches: list[Batch] = []
-        self.pending = 0  # frames in ``batches`` (a heartbeat counts as one)
-        # A bare future per wait, not an asyncio.Event: this is paid once per client per batch,
-        # and Event.wait looks up the running loop each time (a getpid() system call on 3.11).
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        #: Why the listener was closed ("overflow", "shutdown"), or None while open.
-        self.closed: str | None = None
-        #: The task writing this listener's frames; cancelled when the listener overflows.
-        self.task: asyncio.Task[Any] | None = None
-
-    def push(self, batch: Batch) -> None:
-        """Queue a batch, or close the listener if it is not keeping up."""
-        if self.closed:
-            return
-        if self.pending >= self.limit:
-            self.close("overflow")
-            if self.task is not None:
-                self.task.cancel()
-            return
-        self.batches.append(batch)
-        self.pending += len(batch.frames) or 1
-        self._wake()
-
-    def close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = reason
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def take(self) -> list[Batch]:
-        """Wait for batches and take all of them (empty once closed and drained)."""
-        while not self.batches and not self.closed:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        taken, self.batches, self.pending = self.batches, [], 0
-        return taken
+    def confirms(self, window: Window) -> bool:
+        """Redis holds the stream ``window`` saw: its epoch, and at least as many events as
+        the window had when this position was read (else it was created anew or cut back)."""
+        return self.epoch == window.epoch and self.last_seq >= self.window_last
 
 
 class _Stream:
@@ -162,6 +76,53 @@ class _Stream:
         self.listeners: set[Listener] = set()
         #: The latest frames read, ending at ``cursor`` (or empty).
         self.window = window
+
+    def lost_events(self, epoch: bytes | None, last_seq: int) -> bool:
+        """Redis, whose state record says ``epoch`` and ``last_seq``, lost events this hub
+        read: the stream was created anew (another epoch) or cut back (fewer events)."""
+        renewed = self.epoch and epoch is not None and epoch != self.epoch
+        return bool(renewed) or last_seq < self.cursor
+
+
+class WakeStream:
+    """A gateway's own small stream, which its hub's blocking XREAD always includes: appending
+    to it makes the read return. Stream ids are persistent, so a wake-up is never missed."""
+
+    def __init__(self, redis: Redis, key: str) -> None:
+        self.key = key
+        self.bkey = key.encode()
+        #: The id the next XREAD reads the wake stream after.
+        self.last = "0-0"
+        #: A wake-up was sent since the current read began (one is enough).
+        self.pending = False
+        self._redis = redis
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        """Make the current read return (soon): append to the stream, in the background."""
+        if not self.pending:
+            self.pending = True
+            task = asyncio.create_task(self._send(), name="streamcoord-hub-wake")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self) -> None:
+        try:
+            await self.append()
+        except RedisError as exc:  # the reader's own retry covers the new key soon after
+            log.warning("could not wake the hub reader: %s", exc)
+
+    async def append(self) -> str:
+        """Append an entry (the stream keeps 10, and expires unless woken for a day); its id."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self.key, {"w": "1"}, maxlen=10, approximate=False)
+        pipe.expire(self.key, WAKE_TTL_SECONDS)
+        entry_id, _ = await pipe.execute()
+        return str(entry_id.decode())
+
+    async def delete(self) -> None:
+        with contextlib.suppress(RedisError):  # else the key expires by itself
+            await self._redis.delete(self.key)
 
 
 class Hub:
@@ -176,10 +137,7 @@ class Hub:
         self._clustered = clustered
         self._changed = asyncio.Event()  # cluster polling: a stream was added
         self.gateway_id = secrets.token_hex(6)
-        self._wake_key = KeySpace(settings.key_prefix).gateway_wake(self.gateway_id)
-        self._wake_last = "0-0"
-        self._wake_pending = False
-        self._waking: set[asyncio.Task[None]] = set()
+        self._wake_stream = WakeStream(redis, KeySpace(settings.key_prefix).gateway_wake(self.gateway_id))
         self._streams: dict[bytes, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.stats: collections.Counter[str] = collections.Counter()
@@ -243,16 +201,11 @@ class Hub:
         if usable is None:
             return None
         stream, window = usable
-        if confirmed.epoch != window.epoch or confirmed.last_seq < confirmed.window_last:
+        if not confirmed.confirms(window):
             self._revalidate_now = True
             self._wake()
             return None
-        if last_id is not None:
-            frames = window.after(last_id.seq, last_id.epoch.encode())
-        elif latest:
-            frames = window.frames[-1:] or None
-        else:
-            frames = window.after(0, window.epoch)
+        frames = window.start_frames(last_id, latest)
         if frames is None:
             return None
         self.stats["window_hits"] += 1
@@ -290,7 +243,7 @@ class Hub:
 
     async def start(self) -> None:
         if not self._clustered:
-            self._wake_last = await self._append_wake()
+            self._wake_stream.last = await self._wake_stream.append()
         reader = self._poll_forever() if self._clustered else self._read_forever()
         self._tasks = [
             asyncio.create_task(reader, name="streamcoord-hub-reader"),
@@ -303,35 +256,19 @@ class Hub:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self.close_all("shutdown")
-        with contextlib.suppress(RedisError):  # else the key expires by itself
-            await self._redis.delete(self._wake_key)
+        await self._wake_stream.delete()
 
     # -- reading -----------------------------------------------------------------------------
 
     def _wake(self) -> None:
+        """Make the reader notice a new stream, or a request to revalidate, now."""
         if self._clustered:
             self._changed.set()
-        elif not self._wake_pending and self._tasks:
-            self._wake_pending = True
-            task = asyncio.create_task(self._send_wake(), name="streamcoord-hub-wake")
-            self._waking.add(task)
-            task.add_done_callback(self._waking.discard)
-
-    async def _send_wake(self) -> None:
-        try:
-            await self._append_wake()
-        except RedisError as exc:  # the reader's own retry covers the new key soon after
-            log.warning("could not wake the hub reader: %s", exc)
-
-    async def _append_wake(self) -> str:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=10, approximate=False)
-        pipe.expire(self._wake_key, WAKE_TTL_SECONDS)
-        entry_id, _ = await pipe.execute()
-        return str(entry_id.decode())
+        elif self._tasks:  # started: a read is (or will be) in flight
+            self._wake_stream.wake()
 
     async def _read_forever(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(first=0.05, cap=2.0)
         revalidate_at = time.monotonic() + REVALIDATE_SECONDS
         while True:
             if self._revalidate_now or time.monotonic() >= revalidate_at:
@@ -341,8 +278,8 @@ class Hub:
                     revalidate_at = time.monotonic() + REVALIDATE_SECONDS
                 except (RedisError, OSError):
                     pass  # the read below fails too and backs off
-            self._wake_pending = False
-            wanted: dict[str | bytes, str] = {self._wake_key: self._wake_last}
+            self._wake_stream.pending = False
+            wanted: dict[str | bytes, str] = {self._wake_stream.key: self._wake_stream.last}
             for key, stream in self._streams.items():
                 wanted[key] = f"{stream.cursor}-0"
             try:
@@ -352,20 +289,20 @@ class Hub:
             except (RedisError, OSError) as exc:  # reads with explicit ids are safe to retry
                 # Positions are kept, so nothing is lost: the next read resumes from them (also
                 # after a Sentinel failover, whose blocked reads fail with -UNBLOCKED).
-                log.warning("hub read failed (%s); retrying in %.2fs", exc, backoff)
+                delay = backoff.delay()
+                log.warning("hub read failed (%s); retrying in %.2fs", exc, delay)
                 self.stats["read_errors"] += 1
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(delay)
                 revalidate_at = 0  # Redis may have lost data while we were away
                 continue
-            backoff = 0.05
+            backoff.reset()
             self.stats["reads"] += 1
             for key, entries in reply or ():
                 self._dispatch(key, entries)
 
     async def _poll_forever(self) -> None:
         """The cluster's reader: poll every followed stream, one pipeline per round."""
-        backoff = 0.05
+        backoff = Backoff(first=0.05, cap=2.0)
         revalidate_at = time.monotonic() + REVALIDATE_SECONDS
         while True:
             by_slot: dict[int, dict[str | bytes, str]] = {}
@@ -386,13 +323,13 @@ class Hub:
                     pipe.xread(streams, count=READ_COUNT)  # type: ignore[arg-type]
                 replies: Any = await pipe.execute()
             except (RedisError, OSError) as exc:  # reads with explicit ids are safe to retry
-                log.warning("hub poll failed (%s); retrying in %.2fs", exc, backoff)
+                delay = backoff.delay()
+                log.warning("hub poll failed (%s); retrying in %.2fs", exc, delay)
                 self.stats["read_errors"] += 1
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(delay)
                 revalidate_at = 0
                 continue
-            backoff = 0.05
+            backoff.reset()
             self.stats["reads"] += 1
             read = False
             for reply in replies:
@@ -405,8 +342,8 @@ class Hub:
                     await asyncio.wait_for(self._changed.wait(), POLL_SECONDS)
 
     def _dispatch(self, key: bytes, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        if key == self._wake_key.encode():
-            self._wake_last = entries[-1][0].decode()
+        if key == self._wake_stream.bkey:
+            self._wake_stream.last = entries[-1][0].decode()
             return
         stream = self._streams.get(key)
         if stream is None:  # the last listener left while the read was in flight
@@ -429,11 +366,10 @@ class Hub:
             return
         pipe = self._redis.pipeline(transaction=False)
         for key, _ in followed:
-            pipe.hmget(KeySpace.state_of(key), ["epoch", "last_seq"])
+            pipe.hmget(KeySpace.state_of(key), POSITION_FIELDS)
         replies = await pipe.execute()
         for (key, stream), (epoch, last_seq) in zip(followed, replies, strict=True):
-            renewed = stream.epoch and epoch is not None and epoch != stream.epoch
-            if renewed or int(last_seq or 0) < stream.cursor:
+            if stream.lost_events(epoch, int(last_seq or 0)):
                 log.info("stream %s lost events in Redis; reading it from its start", key.decode())
                 stream.cursor, stream.epoch = 0, b""
                 stream.window.clear()

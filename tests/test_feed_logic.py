@@ -1,5 +1,5 @@
-"""Our reasoning in Listener, Hub and Feed, against fakeredis: the hub's reader is never started;
-tests hand it XREAD-shaped replies through ``Hub._dispatch`` themselves."""
+"""Our reasoning in Listener, Hub, the start of a feed and Feed, against fakeredis: the hub's
+reader is never started; tests hand it XREAD-shaped replies through ``Hub._dispatch`` themselves."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ from typing import Any
 import fakeredis
 import pytest
 
-from streamcoord import feed as feed_module
-from streamcoord import sse
+from streamcoord import history, resume, sse
 from streamcoord.codec import Frame
 from streamcoord.errors import UnknownTask
 from streamcoord.eventlog import EventLog
 from streamcoord.feed import Feed
-from streamcoord.hub import HEARTBEAT, Batch, Hub, Listener, make_batch
+from streamcoord.hub import Hub, Position, WakeStream
 from streamcoord.ids import EventId
 from streamcoord.keys import TaskRef
+from streamcoord.listener import HEARTBEAT, REWIND, Batch, BatchKind, Listener, make_batch
 from streamcoord.settings import Settings
+from streamcoord.window import Window
 
 REF = TaskRef("shop", "Job", "1")
 TIMEOUT = 2.0
@@ -218,7 +219,9 @@ async def test_close_wakes_a_waiting_take() -> None:
 
 def test_a_batch_joins_its_frames_once_and_knows_its_range() -> None:
     made = make_batch([Frame(4, b"e1", False, b"a"), Frame(5, b"e1", True, b"b")])
-    assert (made.data, made.first, made.last, made.epoch, made.terminal) == (b"ab", 4, 5, b"e1", True)
+    assert (made.kind, made.data, made.first, made.last, made.epoch, made.terminal) == (
+        BatchKind.EVENTS, b"ab", 4, 5, b"e1", True,
+    )
     mixed = make_batch([Frame(9, b"e1", False, b"a"), Frame(1, b"e2", False, b"b")])
     assert mixed.epoch == b""  # listeners take a batch spanning two epochs frame by frame
 
@@ -277,8 +280,17 @@ async def test_dispatch_for_an_unknown_key_is_ignored(hub: Hub) -> None:
     assert hub.stats["events"] == 0
 
 
-async def test_heartbeats_are_batches_of_seq_zero(redis: fakeredis.FakeAsyncRedis) -> None:
-    assert (HEARTBEAT.heartbeat, HEARTBEAT.data, HEARTBEAT.frames) == (True, sse.HEARTBEAT, ())
+def test_heartbeats_and_rewinds_are_batches_of_their_own_kind_without_frames() -> None:
+    assert (HEARTBEAT.kind, HEARTBEAT.data, HEARTBEAT.frames) == (BatchKind.HEARTBEAT, sse.HEARTBEAT, ())
+    assert (REWIND.kind, REWIND.data, REWIND.frames) == (BatchKind.REWIND, b"", ())
+    listener = Listener(b"k", limit=2)
+    listener.push(HEARTBEAT)
+    listener.push(REWIND)  # each counts as one against the bound
+    listener.push(HEARTBEAT)
+    assert listener.closed == "overflow"
+
+
+async def test_the_hub_sends_heartbeats_to_every_listener(redis: fakeredis.FakeAsyncRedis) -> None:
     hub = Hub(redis, redis, Settings(heartbeat_seconds=0.01))
     listener, _ = hub.subscribe("sc:k", 0)
     beating = asyncio.create_task(hub._heartbeat_forever())
@@ -288,6 +300,30 @@ async def test_heartbeats_are_batches_of_seq_zero(redis: fakeredis.FakeAsyncRedi
         beating.cancel()
         await asyncio.gather(beating, return_exceptions=True)
     assert taken and all(x is HEARTBEAT for x in taken)
+
+
+def test_a_position_read_from_redis_confirms_a_window_only_if_redis_holds_what_it_saw() -> None:
+    window = Window(10, [Frame(n, b"e1", False, b"") for n in range(1, 6)])
+    assert Position(b"e1", 5, window_last=5).confirms(window)
+    assert Position(b"e1", 7, window_last=5).confirms(window)  # Redis is ahead of the hub: fine
+    assert not Position(b"e1", 4, window_last=5).confirms(window)  # cut back under the hub
+    assert not Position(b"e2", 9, window_last=5).confirms(window)  # created anew
+
+
+async def test_the_wake_stream_appends_once_per_read(redis: fakeredis.FakeAsyncRedis) -> None:
+    wake = WakeStream(redis, "sc:gateway:g1:wake")
+    first = await wake.append()
+    wake.wake()
+    wake.wake()  # the read is woken already
+    await wait_until(lambda: not wake._sending)
+    assert await redis.xlen(wake.key) == 2
+    wake.pending = False  # as the hub does when its next read begins
+    wake.wake()
+    await wait_until(lambda: not wake._sending)
+    entries = await redis.xrange(wake.key, f"({first}", "+")
+    assert len(entries) == 2 and await redis.ttl(wake.key) > 0
+    await wake.delete()
+    assert not await redis.exists(wake.key)
 
 
 # -- 3. Feed -----------------------------------------------------------------------------------
@@ -479,6 +515,26 @@ async def test_an_expired_stream_sends_reset_then_the_outcome(
     assert hub.stream_count == 0
 
 
+async def test_a_rewind_resets_the_client_then_sends_the_stream_from_its_start(
+    log: EventLog, hub: Hub, clients: list[Client]
+) -> None:
+    """Redis lost events under a connected client (the hub found out and rewound its cursor):
+    reset ``lost``, then the stream from sequence 1, as Redis now holds it."""
+    old = await publish(log, "start", "progress")
+    client = await open_client(log, hub, clients)
+    await wait_until(lambda: hub.listener_count == 1)
+    assert seqs(await client.wait_frames(2)) == [1, 2]
+    await log.redis.delete(log.keys.events(REF), log.keys.state(REF))
+    new = await publish(log, "start", "complete")
+    for listener in hub._streams[log.keys.events(REF).encode()].listeners:
+        listener.push(REWIND)
+    await dispatch(hub, log, 1, 2)
+    got = await client.finished()
+    reset = json.loads(got[2][2])
+    assert (got[2][1], reset["reason"], reset["epoch"]) == ("reset", "lost", old[0].epoch)
+    assert [i for i, _, _ in got[3:]] == [str(i) for i in new]
+
+
 async def test_revalidate_rewinds_a_stream_created_anew_under_a_history_only_listener(
     log: EventLog, hub: Hub, redis: fakeredis.FakeAsyncRedis, clients: list[Client]
 ) -> None:
@@ -551,23 +607,22 @@ async def test_feeds_opening_together_share_one_read(
 ) -> None:
     ids = await publish(log, *["progress"] * 20)
     calls = 0
-    real = feed_module.read_snapshot
+    real = resume.read_snapshot
 
-    async def counted(log: EventLog, ref: TaskRef) -> feed_module.Snapshot:
+    async def counted(log: EventLog, ref: TaskRef) -> resume.Snapshot:
         nonlocal calls
         calls += 1
         return await real(log, ref)
 
-    monkeypatch.setattr(feed_module, "read_snapshot", counted)
+    monkeypatch.setattr(resume, "read_snapshot", counted)
     opens = [Feed.open(log, hub, REF, last_id=ids[n % 20]) for n in range(50)]
     feeds = await asyncio.wait_for(asyncio.gather(*opens), TIMEOUT)
     assert calls == 1
-    for feed in feeds:
-        clients.append(Client(feed))
-        assert not feed._pending  # no reset: each one resumes where it was
+    clients.extend(Client(feed) for feed in feeds)
     for n, client in enumerate(clients):
         want = list(range(n % 20 + 2, 21))
-        assert seqs(await client.wait_frames(len(want))) == want
+        got = await client.wait_frames(len(want))
+        assert seqs(got) == want and len(got) == len(want)  # no reset: each goes on where it was
 
 
 async def test_a_shared_read_older_than_the_client_is_checked_with_a_read_of_its_own(
@@ -577,10 +632,10 @@ async def test_a_shared_read_older_than_the_client_is_checked_with_a_read_of_its
     another gateway): the stale read must not make it reset the client ("position")."""
     ids = await publish(log, *["progress"] * 5)
     gate = asyncio.Event()
-    real = feed_module.read_snapshot
+    real = resume.read_snapshot
     calls = 0
 
-    async def slow_first(log: EventLog, ref: TaskRef) -> feed_module.Snapshot:
+    async def slow_first(log: EventLog, ref: TaskRef) -> resume.Snapshot:
         nonlocal calls
         calls += 1
         snapshot = await real(log, ref)
@@ -588,7 +643,7 @@ async def test_a_shared_read_older_than_the_client_is_checked_with_a_read_of_its
             await gate.wait()  # returns what Redis held before event 6
         return snapshot
 
-    monkeypatch.setattr(feed_module, "read_snapshot", slow_first)
+    monkeypatch.setattr(resume, "read_snapshot", slow_first)
     leader = asyncio.create_task(Feed.open(log, hub, REF, last_id=ids[1]))
     await wait_until(lambda: calls == 1)
     sixth = await log.writer(REF).append("progress", {"n": 6})
@@ -597,15 +652,15 @@ async def test_a_shared_read_older_than_the_client_is_checked_with_a_read_of_its
     gate.set()
     first, second = await asyncio.wait_for(asyncio.gather(leader, follower), TIMEOUT)
     assert calls == 2  # the shared read, then the follower's own
-    assert not first._pending and not second._pending  # neither was reset
     clients.extend([Client(first), Client(second)])
-    assert seqs(await clients[0].wait_frames(3)) == [3, 4, 5]
+    assert [e for _, e, _ in await clients[0].wait_frames(3)] == ["progress"] * 3  # no reset
+    assert seqs(clients[0].frames) == [3, 4, 5]
     await wait_until(lambda: hub.listener_count == 2)
     await dispatch(hub, log, 6, 6)
     assert seqs(await clients[0].wait_frames(4)) == [3, 4, 5, 6]
     await log.writer(REF).append("complete", {})
     await dispatch(hub, log, 7, 7)
-    assert seqs(await clients[1].finished()) == [7]
+    assert [(i.rpartition("-")[2], e) for i, e, _ in await clients[1].finished()] == [("7", "complete")]
 
 
 async def test_a_window_of_a_stream_created_anew_is_not_served(
@@ -639,9 +694,9 @@ async def test_a_shared_read_cannot_tell_a_client_the_task_ended_once_a_new_run_
     flight when the task runs again. A feed joining that read must not send the old outcome."""
     await publish(log, "start", "error")
     await redis.delete(log.keys.events(REF))
-    gate, calls, real = asyncio.Event(), 0, feed_module.read_snapshot
+    gate, calls, real = asyncio.Event(), 0, resume.read_snapshot
 
-    async def slow_first(log: EventLog, ref: TaskRef) -> feed_module.Snapshot:
+    async def slow_first(log: EventLog, ref: TaskRef) -> resume.Snapshot:
         nonlocal calls
         calls += 1
         snapshot = await real(log, ref)
@@ -649,7 +704,7 @@ async def test_a_shared_read_cannot_tell_a_client_the_task_ended_once_a_new_run_
             await gate.wait()
         return snapshot
 
-    monkeypatch.setattr(feed_module, "read_snapshot", slow_first)
+    monkeypatch.setattr(resume, "read_snapshot", slow_first)
     leader = asyncio.create_task(Feed.open(log, hub, REF))
     await wait_until(lambda: calls == 1)
     await redis.hset(log.keys.state(REF), "state", "running")  # a new run ...
@@ -668,7 +723,7 @@ async def test_history_trimmed_between_two_page_reads_is_told_with_a_reset(
 ) -> None:
     """A client reads a long history page by page while the stream is trimmed under it: the
     events it had not read yet are gone, and it is told so instead of seeing a silent gap."""
-    monkeypatch.setattr(feed_module, "HISTORY_PAGE", 2)
+    monkeypatch.setattr(history, "HISTORY_PAGE", 2)
     log = EventLog(redis, Settings(window_events=0))  # so the tail read holds event 9 only
     await publish(log, *["progress"] * 9)
     feed = await Feed.open(log, hub, REF)  # first page read: 1, 2

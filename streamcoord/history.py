@@ -1,0 +1,65 @@
+"""A task's history as one feed reads it from Redis: page by page, each read shared.
+
+A feed that does not start from the hub's window starts from a snapshot: the state record and
+the latest frames of the stream (its *tail*), read in one round trip. Older history is read
+from Redis a page at a time, up to the tail, then the tail is sent from memory. Pages are
+read with an explicit range, and feeds of one stream asking for the same range at the same
+moment share one read (a reconnect storm reads each page once). A page may start later than
+asked when that range was trimmed away meanwhile: what the client is told then is the reset
+policy's (:mod:`streamcoord.resets`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .codec import Frame
+from .eventlog import EventLog
+from .hub import Hub
+from .keys import TaskRef
+from .window import frames_after
+
+#: Frames per page read from Redis (and about per chunk a feed writes while it sends history).
+HISTORY_PAGE = 1000
+
+
+class History:
+    """One feed's reads of ``ref``'s stream, ending at ``tail`` (the snapshot's latest frames,
+    oldest first; empty for a feed started from the hub's window)."""
+
+    def __init__(self, log: EventLog, hub: Hub, ref: TaskRef, tail: list[Frame]) -> None:
+        self.key = log.keys.events(ref)
+        self.tail = tail
+        self._log = log
+        self._hub = hub
+        self._ref = ref
+        self._tail_sent = False
+
+    async def page(self, after: int, before: int | None = None) -> list[Frame]:
+        """Up to :data:`HISTORY_PAGE` frames after ``after`` (and before ``before``), from Redis.
+        Shared with other feeds: never change it in place."""
+        read = functools.partial(self._log.read_frames, self._ref, after, before, count=HISTORY_PAGE)
+        frames, _ = await self._hub.page_reads.run((self.key, after, before), read)
+        return frames
+
+    async def first_page(self, after: int) -> list[Frame]:
+        """The first frames after ``after``: from the tail when it reaches back that far, else a
+        page from Redis (the tail, when that range was trimmed away)."""
+        tail = self.tail
+        if not tail or after >= tail[0].seq - 1:
+            return frames_after(tail, after)
+        return await self.page(after, tail[0].seq) or tail
+
+    async def next_page(self, last: int) -> list[Frame] | None:
+        """The frames that follow ``last`` (what the feed has sent): pages from Redis up to the
+        tail, then the rest of the tail; None once the tail was given."""
+        if self._tail_sent:
+            return None
+        tail = self.tail
+        if tail and last < tail[0].seq - 1:
+            page = await self.page(last, tail[0].seq)
+            if page:
+                return page
+            # Trimmed away under us: the tail goes on from where the stream does.
+        self._tail_sent = True
+        return frames_after(tail, last)

@@ -1,0 +1,113 @@
+"""What the hub hands each client: batches of frames, in a bounded queue per listener.
+
+The hub encodes what one read brought from one stream once, as a :class:`Batch`, and appends
+that same batch to the queue of every :class:`Listener` of the stream. Besides events, a batch
+may be a heartbeat (a comment line that keeps proxies from timing the connection out) or a
+rewind (Redis lost events of the stream: the feed resets its client, see
+:attr:`streamcoord.resets.ResetReason.LOST`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Any, NamedTuple
+
+from . import sse
+from .codec import Frame
+
+
+class BatchKind(enum.Enum):
+    """What a :class:`Batch` carries."""
+
+    EVENTS = "events"  #: frames read from the stream
+    HEARTBEAT = "heartbeat"  #: no frames: ``data`` is a comment line, written as it is
+    REWIND = "rewind"  #: no frames: Redis lost events of the stream; what a listener sent may be gone
+
+
+class Batch(NamedTuple):
+    """What one XREAD brought from one stream, encoded once and shared by every listener."""
+
+    kind: BatchKind
+    frames: tuple[Frame, ...]
+    #: The frames' bytes, joined: what a listener in step with the stream writes.
+    data: bytes
+    #: The epoch of every frame, or b"" when they differ (then listeners go frame by frame).
+    epoch: bytes
+    first: int  # sequence of the first frame (0 without frames)
+    last: int
+    terminal: bool
+
+
+def make_batch(frames: list[Frame]) -> Batch:
+    """A batch of events (``frames``: at least one, oldest first)."""
+    epoch = frames[0].epoch if all(f.epoch == frames[0].epoch for f in frames) else b""
+    return Batch(
+        BatchKind.EVENTS, tuple(frames), b"".join(f.data for f in frames), epoch,
+        frames[0].seq, frames[-1].seq, any(f.terminal for f in frames),
+    )
+
+
+HEARTBEAT = Batch(BatchKind.HEARTBEAT, (), sse.HEARTBEAT, b"", 0, 0, False)
+REWIND = Batch(BatchKind.REWIND, (), b"", b"", 0, 0, False)
+
+
+class Listener:
+    """One client's bounded queue of batches from one stream.
+
+    The bound is checked when a batch arrives: a client still holding ``limit`` frames it has
+    not taken is not keeping up. A client that keeps up takes whole batches, so a burst larger
+    than the bound (one XREAD returns up to the hub's READ_COUNT events) does not cut it.
+    """
+
+    __slots__ = ("_loop", "_waiter", "batches", "closed", "key", "limit", "pending", "task")
+
+    def __init__(self, key: bytes, limit: int) -> None:
+        self.key = key
+        self.limit = limit
+        self.batches: list[Batch] = []
+        self.pending = 0  # frames in ``batches`` (a batch without frames counts as one)
+        # A bare future per wait, not an asyncio.Event: this is paid once per client per batch,
+        # and Event.wait looks up the running loop each time (a getpid() system call on 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        #: Why the listener was closed ("overflow", "shutdown"), or None while open.
+        self.closed: str | None = None
+        #: The task writing this listener's frames; cancelled when the listener overflows.
+        self.task: asyncio.Task[Any] | None = None
+
+    def push(self, batch: Batch) -> None:
+        """Queue a batch, or close the listener if it is not keeping up."""
+        if self.closed:
+            return
+        if self.pending >= self.limit:
+            self.close("overflow")
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self.batches.append(batch)
+        self.pending += len(batch.frames) or 1
+        self._wake()
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = reason
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[Batch]:
+        """Wait for batches and take all of them (empty once closed and drained)."""
+        while not self.batches and not self.closed:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        taken, self.batches, self.pending = self.batches, [], 0
+        return taken
