@@ -1,5 +1,6 @@
 """Example tasks: the predecessor's ``ExampleTask`` and ``ContinueTask``, ``ProgressTask``, and
-proxies of it that exercise the failure paths (re-runs, poison tasks, time limits)."""
+proxies of it that exercise the failure paths (re-runs, poison tasks, time limits, a task's own
+timeouts)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,26 @@ class SlowTask(ProgressTask):
         await self.send_event("start", {"message": "sleeping for 30 s", "time_limit": self.time_limit})
         await asyncio.sleep(30)
         return {"slept": 30}
+
+
+class UpstreamTimeoutTask(ProgressTask):
+    """A task whose call to a slow upstream service times out: it raises its own
+    ``TimeoutError("upstream timed out")`` long before its own time limit, and must end with
+    that message, not with "exceeded its time limit"."""
+
+    time_limit = 60
+
+    class Meta:
+        proxy = True
+
+    async def process(self) -> Any:
+        await self.send_event("start", {"message": "calling a slow upstream service"})
+        try:
+            async with asyncio.timeout(0.05):  # the upstream call's own timeout
+                await asyncio.sleep(30)
+        except TimeoutError:
+            raise TimeoutError("upstream timed out") from None
+        return {"called": True}
 
 
 class ContinueTask(StreamTask):

@@ -1,0 +1,138 @@
+"""Outcomes: how a run ended, as a terminal event and as the task's row in the database.
+
+The row (``status``, ``error``, ``final_value``, ``completed_at`` of a ``StreamTask``) is the
+durable record of an outcome: Redis can lose a task's end (a failover, a restart without
+persistence), the database does not. A worker writes the row just after the terminal event, and
+recovery reads it back, so a task whose end Redis lost gets that outcome written again instead of
+a second run or a false failure. Both directions go through :class:`Outcome`, so the row's
+``error`` text (``"ErrorType: message"``) is written and parsed in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django.apps import apps
+from django.utils import timezone
+
+from django_app.models import Status, StreamTask
+from streamcoord.keys import TaskRef
+from streamcoord.taskstate import TERMINAL_EVENTS, State
+
+#: The terminal event that records each ended status.
+_EVENT_OF: dict[str, str] = {state.value: event for event, state in TERMINAL_EVENTS.items()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one run ended. ``error_type`` is empty when the task itself sent its ``error``
+    (the row then says so in ``message`` alone)."""
+
+    status: str  #: a ``Status``: completed, failed or cancelled
+    final_value: Any = None
+    error_type: str = ""
+    message: str = ""
+    #: More fields of the terminal event's payload (``attempt`` of a ``WorkerLost``).
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def completed(cls, final_value: Any) -> Outcome:
+        return cls(Status.COMPLETED, final_value=final_value)
+
+    @classmethod
+    def failed(cls, error_type: str, message: str, **details: Any) -> Outcome:
+        return cls(Status.FAILED, error_type=error_type, message=message, details=details)
+
+    @classmethod
+    def cancelled(cls, message: str = "cancelled") -> Outcome:
+        return cls(Status.CANCELLED, message=message)
+
+    @property
+    def event_type(self) -> str:
+        """``complete``, ``error`` or ``cancelled``."""
+        return _EVENT_OF[State(self.status).value]
+
+    def payload(self) -> dict[str, Any]:
+        """The terminal event's data (never a traceback: that stays in the worker's log)."""
+        if self.status == Status.COMPLETED:
+            return {"final_value": self.final_value}
+        if self.status == Status.FAILED:
+            return {"message": self.message, "error_type": self.error_type or "Error", **self.details}
+        return {"message": self.message}
+
+    @property
+    def row_error(self) -> str:
+        """The row's ``error``: ``"ErrorType: message"``, or the message alone."""
+        return f"{self.error_type}: {self.message}" if self.error_type else self.message
+
+    @classmethod
+    def from_row(cls, status: str, final_value: Any, error: str) -> Outcome | None:
+        """The outcome a row records; None while the row says the task has not ended."""
+        if status == Status.COMPLETED:
+            return cls.completed(final_value)
+        if status == Status.CANCELLED:
+            return cls.cancelled(error or "cancelled")
+        if status == Status.FAILED:
+            error_type, sep, message = error.partition(": ")
+            if sep and error_type.isidentifier():
+                return cls.failed(error_type, message)
+            return cls.failed("Error", error or "failed")
+        return None
+
+
+def task_model(ref: TaskRef) -> type[StreamTask] | None:
+    """The ``StreamTask`` model a job names; None when this project has no such model."""
+    try:
+        model = apps.get_model(ref.app_label, ref.model)
+    except LookupError:
+        return None
+    return model if issubclass(model, StreamTask) else None
+
+
+def max_attempts(ref: TaskRef) -> int:
+    """Runs the task's class allows (at least one; one for a model this project lacks)."""
+    model = task_model(ref)
+    return max(1, getattr(model, "max_attempts", 1)) if model else 1
+
+
+async def load_task(ref: TaskRef) -> StreamTask:
+    """The task's row. Raises LookupError (no such model), ValueError (a bad pk) or
+    ``ObjectDoesNotExist`` (no such row)."""
+    model = task_model(ref)
+    if model is None:
+        raise LookupError(f"no StreamTask model {ref.model_label}")
+    task: StreamTask = await model.objects.aget(pk=ref.pk)
+    return task
+
+
+async def record_running(task: StreamTask) -> None:
+    await type(task).objects.filter(pk=task.pk).aupdate(status=Status.RUNNING)
+
+
+async def record(task: StreamTask, outcome: Outcome) -> None:
+    """Record an outcome on a loaded task's row, through its ``mark_completed`` /
+    ``mark_failed`` (a model may extend them)."""
+    if outcome.status == Status.COMPLETED:
+        await task.mark_completed(outcome.final_value)
+    else:
+        await task.mark_failed(outcome.row_error, status=outcome.status)
+
+
+async def record_by_ref(ref: TaskRef, outcome: Outcome) -> None:
+    """Record a failure or cancel on a row this worker never loaded (a task taken over only to
+    end it); nothing when the project lacks the model."""
+    model = task_model(ref)
+    if model is not None:
+        await model.objects.filter(pk=ref.pk).aupdate(
+            status=outcome.status, error=outcome.row_error, updated_at=timezone.now()
+        )
+
+
+async def recorded_outcome(ref: TaskRef) -> Outcome | None:
+    """The outcome the task's row records, if it says the task ended."""
+    model = task_model(ref)
+    if model is None:
+        return None
+    row = await model.objects.filter(pk=ref.pk).only("status", "final_value", "error").afirst()
+    return Outcome.from_row(row.status, row.final_value, row.error) if row is not None else None
