@@ -16,6 +16,8 @@ import pytest
 from tests.bench.report import CHART_NAME, JSON_NAME, MARKDOWN_NAME
 from tests.bench.scenarios import SCENARIOS
 
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parent.parent
 #: The quick mode takes under two minutes; the margin is for a busy machine.
 QUICK_LIMIT = 240

@@ -29,6 +29,8 @@ from streamcoord.ids import EventId
 
 from .support import Gateway
 
+pytestmark = pytest.mark.system
+
 JOB = TaskRef("shop", "Job", "1")
 BASE = "http://gateway"
 FAST = 0.05  # reconnect delay in these tests (seconds)

@@ -50,6 +50,8 @@ from .workload import (
     worker_id,
 )
 
+pytestmark = [pytest.mark.system, pytest.mark.cluster, pytest.mark.slow]
+
 KEYS = KeySpace("sc")
 #: Each gateway process: one reader and three shared connections, per node at most.
 PER_NODE = 4

@@ -22,6 +22,8 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from .support import REPO, Project, wait_for
 
+pytestmark = [pytest.mark.system, pytest.mark.browser]
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

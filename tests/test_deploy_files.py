@@ -47,6 +47,8 @@ from streamcoord.settings import Settings
 
 from .support import REPO, wait_for
 
+pytestmark = pytest.mark.system
+
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"

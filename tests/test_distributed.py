@@ -33,6 +33,8 @@ from .workload import (
     worker_id,
 )
 
+pytestmark = pytest.mark.system
+
 # -- helpers ---------------------------------------------------------------------------------
 
 

@@ -58,6 +58,8 @@ from .workload import (
     until,
 )
 
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
 LEASE = 2.0
 #: Worker settings: a lost worker's tasks are taken over within about a lease.
 FAST: dict[str, Any] = {

@@ -19,6 +19,8 @@ from streamcoord.ids import EventId
 
 from .support import Gateway, gateway_redis_connections
 
+pytestmark = pytest.mark.system
+
 JOB = TaskRef("shop", "Job", "1")
 
 

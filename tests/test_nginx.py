@@ -47,6 +47,8 @@ from streamcoord.taskstate import TERMINAL_EVENTS
 from .support import REPO, Project, RawSSE, SSEEvent, wait_for
 from .workload import assert_gap_free, create_tasks_streamed, set_continue, triples
 
+pytestmark = pytest.mark.system
+
 CONF = REPO / "deploy" / "nginx" / "streamcoord.conf"
 UPSTREAM = "streamcoord_gateways"
 TERMINAL = frozenset(TERMINAL_EVENTS)

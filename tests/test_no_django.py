@@ -6,9 +6,13 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import streamcoord
 
 from .support import REPO, RedisServer
+
+pytestmark = pytest.mark.system
 
 
 def test_importing_every_core_module_and_serving_imports_no_django(redis_server: RedisServer) -> None:

@@ -30,6 +30,8 @@ from httpx_sse import aconnect_sse
 
 from .support import REPO, Gateway, Project, RedisServer
 
+pytestmark = pytest.mark.system
+
 CURL = shutil.which("curl")
 _prefixes = itertools.count()
 

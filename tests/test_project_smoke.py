@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from .support import Project
+
+pytestmark = pytest.mark.system
 
 
 async def test_a_task_created_and_started_by_a_command_runs_on_a_worker(sse: Any, project: Project) -> None:

@@ -49,6 +49,8 @@ from .workload import (
     until,
 )
 
+pytestmark = [pytest.mark.system, pytest.mark.cluster, pytest.mark.slow]
+
 
 def report(directory: Path, scenario: str, **figures: Any) -> None:
     print(f"\n[sentinel] {scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

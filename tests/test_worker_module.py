@@ -6,7 +6,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from .support import REPO, Project, wait_for
+
+pytestmark = pytest.mark.system
 
 
 def test_python_dash_m_worker_runs_and_stops_cleanly(project: Project) -> None:
