@@ -26,6 +26,7 @@ from streamcoord.client import (
 )
 from streamcoord.errors import StreamcoordError
 from streamcoord.ids import EventId
+from streamcoord.resets import ResetReason
 
 from .support import Gateway
 
@@ -165,6 +166,9 @@ def test_event_properties_and_paths() -> None:
         True
     ] * 3
     assert not StreamEvent("a-1", "progress", {}).terminal
+    assert StreamEvent(None, "reset", {"reason": "trimmed"}).reset_reason is ResetReason.TRIMMED
+    assert StreamEvent(None, "reset", {"reason": "news"}).reset_reason is None  # a newer server's
+    assert StreamEvent("a-1", "progress", {"reason": "lost"}).reset_reason is None
     assert task_path("Job", 1) == "/stream/Job/1"
     assert task_path("Job", "a b/c", app_label="shop") == "/stream/shop/Job/a%20b%2Fc"
     assert issubclass(StreamClientError, StreamcoordError)
@@ -337,7 +341,7 @@ async def test_reset_comes_first_from_a_foreign_epoch_then_everything(
     events = await rest(stream)
     reset = events[0]
     assert (reset.event, reset.id, reset.seq, reset.terminal) == ("reset", None, None, False)
-    assert reset.data["reason"] == "epoch" and reset.data["epoch"] == ids[0].epoch
+    assert reset.reset_reason is ResetReason.EPOCH and reset.data["epoch"] == ids[0].epoch
     assert [e.id for e in events[1:]] == [str(i) for i in ids]
 
 
