@@ -6,4 +6,5 @@
 -- never brought back as a hash with no state and no TTL.
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'job', ARGV[1])
+redis.call('HDEL', KEYS[1], 'starting_until')
 return 1

@@ -17,13 +17,14 @@ token no longer matches, so a worker that comes back from a pause cannot append 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from . import scripts
 from .keys import KeySpace, TaskRef
@@ -33,6 +34,9 @@ GROUP = "workers"
 #: The pending list is paged through this many entries a call (Redis examines at most ten
 #: times as many per XAUTOCLAIM).
 ABANDONED_PAGE = 100
+#: How long a start may take to add its job before another start adds it instead (ms): far
+#: above one XADD, short enough that a start cut off midway is completed soon.
+START_GRACE_MS = 5000
 
 
 class Verdict(enum.StrEnum):
@@ -81,6 +85,7 @@ class JobQueue:
         self.keys = keys
         self._start = scripts.register(redis, "start")
         self._job_added = scripts.register(redis, "job_added")
+        self._start_failed = scripts.register(redis, "start_failed")
         self._begin = scripts.register(redis, "begin")
         self._renew = scripts.register(redis, "renew")
         self._recover = scripts.register(redis, "recover")
@@ -101,15 +106,19 @@ class JobQueue:
         starts only a task recorded as pending (the gateway's start on first connect).
 
         When adding the job fails, this raises and the task stays queued without a job; the
-        next start (a retry, a reconnecting client's lazy start) adds it."""
+        next start (a retry, a reconnecting client's lazy start) adds it (``start.lua``)."""
         add, before = await self._start(
-            keys=[self.keys.state(ref)], args=[_now(), "lazy" if lazy else "start"]
+            keys=[self.keys.state(ref)], args=[_now(), "lazy" if lazy else "start", START_GRACE_MS]
         )
-        outcome = StartOutcome(bool(add), _text(before))
         if add:
-            entry_id = await self.redis.xadd(self.keys.jobs(), {"task": ref.label})
+            try:
+                entry_id = await self.redis.xadd(self.keys.jobs(), {"task": ref.label})
+            except BaseException:
+                with contextlib.suppress(RedisError, OSError):  # else the grace runs out
+                    await self._start_failed(keys=[self.keys.state(ref)], args=[])
+                raise
             await self._job_added(keys=[self.keys.state(ref)], args=[entry_id])
-        return outcome
+        return StartOutcome(bool(add), _text(before))
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[Job]:
         """Up to ``count`` new jobs for this consumer, waiting up to ``block_ms``."""

@@ -1,7 +1,7 @@
 """The Lua scripts: one ``.lua`` file each, beside this module, its contract at its top.
 
 Every change to a task's state record is one of these scripts, so it is atomic on that one key
-(one hash slot): ``append`` (events), ``start``, ``job_added``, ``begin``, ``renew``,
+(one hash slot): ``append`` (events), ``start``, ``job_added``, ``start_failed``, ``begin``, ``renew``,
 ``recover``, ``hand_back`` and ``cancel`` (the job queue). The names they write are defined
 in :mod:`streamcoord.taskstate`.
 """

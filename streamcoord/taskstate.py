@@ -78,6 +78,7 @@ class Field(enum.StrEnum):
     CREATED_AT = "created_at"  #: when Redis first heard of the task
     QUEUED_AT = "queued_at"  #: when it was started
     JOB = "job"  #: the id of its entry in the job queue, once that entry exists
+    STARTING_UNTIL = "starting_until"  #: a start adds the job until then (Redis clock, ms)
     WORKER = "worker"  #: the worker that runs (or ran) it
     RUN = "run"  #: the current run's token: only that run may append
     ATTEMPT = "attempt"  #: runs begun so far (1 on the first)
@@ -103,6 +104,7 @@ class TaskState:
     created_at: str = ""
     queued_at: str = ""
     job: str = ""
+    starting_until: int = 0
     worker: str = ""
     run: str = ""
     attempt: int = 0
@@ -157,8 +159,13 @@ _KINDS: dict[str, type] = {
     Field.END_DATA: bytes,
     Field.ATTEMPT: int,
     Field.LEASE_UNTIL: int,
+    Field.STARTING_UNTIL: int,
     Field.LAST_SEQ: int,
-    **{field.value: str for field in Field if field not in (Field.END_DATA, Field.ATTEMPT, Field.LEASE_UNTIL, Field.LAST_SEQ)},
+    **{
+        field.value: str
+        for field in Field
+        if field not in (Field.END_DATA, Field.ATTEMPT, Field.LEASE_UNTIL, Field.STARTING_UNTIL, Field.LAST_SEQ)
+    },
 }
 
 

@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from streamcoord.jobs import GROUP, JobQueue, Verdict
+from streamcoord.jobs import GROUP, START_GRACE_MS, JobQueue, Verdict
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.taskstate import State
 
@@ -95,14 +95,47 @@ async def test_a_gateway_lazy_start_cut_off_is_completed_when_the_client_comes_b
             await asyncio.to_thread(gateway.stop)
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["start", "lazy start"])
+async def test_racing_starts_add_one_job(redis: Redis, lazy: bool) -> None:
+    """Twenty starts at once (views, gateways' lazy starts) of one pending task: one job."""
+    queue = JobQueue(redis, KEYS)
+    await queue.ensure_group()
+    await redis.hset(KEYS.state(REF), "state", State.PENDING)
+    outcomes = await asyncio.gather(*(queue.start(REF, lazy=lazy) for _ in range(20)))
+    assert sum(outcome.queued for outcome in outcomes) == 1
+    assert await redis.xlen(KEYS.jobs()) == 1
+    # The race itself, step by step: a second start lands between the first one's flip and
+    # its XADD, and must leave the job to it.
+    other = TaskRef("shop", "Job", "2")
+    await redis.hset(KEYS.state(other), "state", State.PENDING)
+    mode = "lazy" if lazy else "start"
+    first = await queue._start(keys=[KEYS.state(other)], args=["now", mode, START_GRACE_MS])
+    second = await queue._start(keys=[KEYS.state(other)], args=["now", mode, START_GRACE_MS])
+    assert (first[0], second[0]) == (1, 0)
+
+
+async def test_a_start_cut_off_without_a_word_is_completed_after_the_grace(redis: Redis) -> None:
+    """A starter that died between its flip and its XADD (so it never said it failed): other
+    starts leave the job to it for START_GRACE_MS, then one of them adds it."""
+    queue = JobQueue(redis, KEYS)
+    await queue.ensure_group()
+    await redis.hset(KEYS.state(REF), mapping={"state": State.PENDING})
+    await queue._start(keys=[KEYS.state(REF)], args=["now", "start", 60_000])  # flipped, then died
+    assert not (await queue.start(REF)).queued  # still within its grace
+    assert await redis.xlen(KEYS.jobs()) == 0
+    await redis.hset(KEYS.state(REF), "starting_until", 0)  # as if the grace ran out
+    assert (await queue.start(REF)).queued
+    assert await redis.xlen(KEYS.jobs()) == 1
+
+
 async def test_a_second_job_of_one_start_is_never_run_twice(redis: Redis) -> None:
-    """Two starters may both add a job for a start cut off midway; one worker takes the task."""
+    """Should two jobs exist for one start (a starter that outlived its grace), one worker takes
+    the task and the other job is dropped."""
     queue = JobQueue(redis, KEYS)
     await queue.ensure_group()
     await redis.hset(KEYS.state(REF), mapping={"state": State.QUEUED})  # a start with no job
-    first, second = await queue.start(REF), await queue.start(REF)
-    assert first.queued and not second.queued
-    await redis.hdel(KEYS.state(REF), "job")  # as if the two had raced before either recorded it
+    assert (await queue.start(REF)).queued
+    await redis.hdel(KEYS.state(REF), "job")  # as if the two had raced past the grace
     assert (await queue.start(REF)).queued
     jobs = await queue.claim("w1", 10, 100)
     assert len(jobs) == 2
