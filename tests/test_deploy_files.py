@@ -47,8 +47,6 @@ from streamcoord.settings import Settings
 
 from .support import REPO, wait_for
 
-pytestmark = pytest.mark.system
-
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -457,6 +455,7 @@ def duration(value: str | float) -> float:
 # -- the tests ------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_yamllint_passes() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "yamllint", "--strict", "-c", str(REPO / ".yamllint.yaml"), "deploy", ".yamllint.yaml"],
@@ -466,6 +465,7 @@ def test_yamllint_passes() -> None:
     assert result.returncode == 0, f"yamllint:\n{result.stdout}{result.stderr}"
 
 
+@pytest.mark.system
 def test_every_command_and_option_exists(tmp_path: Path) -> None:
     invocations = all_invocations()
     problems = check_invocations(invocations, tmp_path)
@@ -731,6 +731,7 @@ def test_dockerfile_runs_manage_py_from_its_workdir() -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.system
 def test_systemd_units_verify(tmp_path: Path) -> None:
     """``systemd-analyze verify`` on the units, with the venv's python standing in for
     /opt/streamcoord/venv's (verify checks that the executable exists)."""
@@ -764,6 +765,7 @@ def started(argv: list[str], env: dict[str, str], log: Path, ready: str) -> Iter
             process.wait(5)
 
 
+@pytest.mark.system
 def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
     """redis-server with deploy/redis.conf (only where it listens and writes changed), then the
     compose file's migrate, gateway (on a port the kernel picks) and worker commands with the

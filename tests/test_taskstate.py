@@ -20,8 +20,6 @@ from streamcoord.taskstate import ENDED, TERMINAL_EVENTS, TRANSITIONS, Field, St
 
 from .support import RedisServer
 
-pytestmark = pytest.mark.system
-
 SCRIPTS = sorted(Path(streamcoord.__file__).parent.glob("*.lua"))
 #: Lowercase words a script may spell besides state and field names: its modes and replies,
 #: and the fields of a stream entry.
