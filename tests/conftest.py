@@ -24,7 +24,8 @@ from streamcoord.keys import KeySpace
 from streamcoord.registry import register_models
 from streamcoord.settings import Settings
 
-from .support import Gateway, Project, RawSSE, RedisServer, start_gateway
+from .processes import Gateway, Project, RedisServer, start_gateway
+from .rawsse import RawSSE
 
 MODELS = [("shop", "Job"), ("shop", "Report"), ("other", "Report")]
 

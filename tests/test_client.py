@@ -28,7 +28,7 @@ from streamcoord.errors import StreamcoordError
 from streamcoord.ids import EventId
 from streamcoord.resets import ResetReason
 
-from .support import Gateway
+from .processes import Gateway
 
 pytestmark = pytest.mark.system
 

@@ -33,9 +33,10 @@ from redis.crc import key_slot
 
 from streamcoord.keys import KeySpace, TaskRef
 
-from .redistopo import HOST, Cluster
-from .support import Gateway, RawSSE, SSEEvent, gateway_redis_connections
-from .workload import (
+from .processes import Gateway, gateway_redis_connections
+from .rawsse import RawSSE, SSEEvent
+from .topologies import HOST, Cluster
+from .workloads import (
     Follower,
     assert_gap_free,
     create_tasks_streamed,

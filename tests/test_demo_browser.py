@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from .support import REPO, Project, wait_for
+from .processes import REPO, Project, wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.browser]
 

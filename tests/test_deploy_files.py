@@ -45,7 +45,7 @@ from streamcoord.cli import build_parser
 from streamcoord.client import iter_task_events
 from streamcoord.settings import Settings
 
-from .support import REPO, wait_for
+from .processes import REPO, wait_for
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"

@@ -22,8 +22,9 @@ from redis.asyncio import Redis
 
 from streamcoord.taskstate import ENDED
 
-from .support import Gateway, Project, RawSSE, SSEEvent
-from .workload import (
+from .processes import Gateway, Project
+from .rawsse import RawSSE, SSEEvent
+from .workloads import (
     assert_gap_free,
     create_tasks_streamed,
     logs,

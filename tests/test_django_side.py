@@ -10,7 +10,7 @@ import pytest
 
 from streamcoord.taskstate import State
 
-from .support import REPO
+from .processes import REPO
 
 PACKAGES = ("streamcoord", "django_app", "worker")
 

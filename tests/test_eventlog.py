@@ -23,7 +23,7 @@ from streamcoord import (
 from streamcoord.publisher import Append, Status
 
 from .faultproxy import FaultProxy
-from .support import RedisServer
+from .processes import RedisServer
 
 pytestmark = pytest.mark.system
 

@@ -37,8 +37,9 @@ from streamcoord.ids import EventId
 from streamcoord.registry import register_models
 from streamcoord.taskstate import ENDED
 
-from .support import Gateway, Project, RawSSE, RedisServer, SSEEvent, gateway_redis_connections
-from .workload import (
+from .processes import Gateway, Project, RedisServer, gateway_redis_connections
+from .rawsse import RawSSE, SSEEvent
+from .workloads import (
     KEYS,
     TERMINAL,
     Event,

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from streamcoord import EventLog, TaskRef
 from streamcoord.ids import EventId
 
-from .support import Gateway, gateway_redis_connections
+from .processes import Gateway, gateway_redis_connections
 
 pytestmark = pytest.mark.system
 
@@ -398,7 +398,7 @@ async def test_a_stream_lost_in_a_redis_restart_resets_its_clients(
     from streamcoord.keys import KeySpace
     from streamcoord.registry import register_models
 
-    from .support import RedisServer, start_gateway
+    from .processes import RedisServer, start_gateway
 
     server = RedisServer(tmp_path / "volatile").start()
     client_redis = Redis(unix_socket_path=str(server.socket))

@@ -18,7 +18,7 @@ from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.taskstate import State
 
 from .faultproxy import FaultProxy
-from .support import RedisServer, start_gateway
+from .processes import RedisServer, start_gateway
 
 pytestmark = pytest.mark.system
 

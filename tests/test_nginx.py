@@ -44,8 +44,9 @@ from redis.asyncio import Redis
 
 from streamcoord.taskstate import TERMINAL_EVENTS
 
-from .support import REPO, Project, RawSSE, SSEEvent, wait_for
-from .workload import assert_gap_free, create_tasks_streamed, set_continue, triples
+from .processes import REPO, Project, wait_for
+from .rawsse import RawSSE, SSEEvent
+from .workloads import assert_gap_free, create_tasks_streamed, set_continue, triples
 
 pytestmark = pytest.mark.system
 

@@ -10,7 +10,7 @@ import pytest
 
 import streamcoord
 
-from .support import REPO, RedisServer
+from .processes import REPO, RedisServer
 
 pytestmark = pytest.mark.system
 

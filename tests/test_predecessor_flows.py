@@ -28,7 +28,7 @@ import pytest
 import redis
 from httpx_sse import aconnect_sse
 
-from .support import REPO, Gateway, Project, RedisServer
+from .processes import REPO, Gateway, Project, RedisServer
 
 pytestmark = pytest.mark.system
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .support import Project
+from .processes import Project
 
 pytestmark = pytest.mark.system
 

@@ -29,9 +29,9 @@ from redis.asyncio import Redis
 
 from streamcoord.taskstate import ENDED
 
-from .redistopo import HOST, Node, SentinelGroup
-from .support import Gateway
-from .workload import (
+from .processes import Gateway
+from .topologies import HOST, Node, SentinelGroup
+from .workloads import (
     Follower,
     as_received,
     as_sent,

@@ -18,7 +18,7 @@ from streamcoord.keys import KeySpace
 from streamcoord.publisher import Append, Status
 from streamcoord.taskstate import ENDED, TERMINAL_EVENTS, TRANSITIONS, Field, State, TaskState
 
-from .support import RedisServer
+from .processes import RedisServer
 
 SCRIPTS = sorted(Path(streamcoord.__file__).parent.glob("*.lua"))
 #: Lowercase words a script may spell besides state and field names: its modes and replies,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .support import REPO, Project, wait_for
+from .processes import REPO, Project, wait_for
 
 pytestmark = pytest.mark.system
 

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from streamcoord.jobs import JobQueue
 from streamcoord.keys import TaskRef
 
-from .support import Project
-from .workload import KEYS, create_tasks, row, state, stream, stream_problems, until
+from .processes import Project
+from .workloads import KEYS, create_tasks, row, state, stream, stream_problems, until
 
 pytestmark = pytest.mark.system
 

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 
 from streamcoord.keys import TaskRef
 
-from .support import Project
-from .workload import create_tasks, row, state, stream, stream_problems, until
+from .processes import Project
+from .workloads import create_tasks, row, state, stream, stream_problems, until
 
 pytestmark = pytest.mark.system
 

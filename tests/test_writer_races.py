@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from streamcoord import EventLog, Settings, TaskRef
 from streamcoord.publisher import Append, Publisher
 
-from .support import RedisServer
+from .processes import RedisServer
 
 pytestmark = pytest.mark.system
 

@@ -56,7 +56,7 @@ CONCURRENCY = 50
 
 
 def project_env(directory: Path, redis_url: str, **settings: Any) -> dict[str, str]:
-    """The environment of the example project's commands, as tests/support.py's Project.env:
+    """The environment of the example project's commands, as tests/processes.py's Project.env:
     its own SQLite file and embedded-URL file in ``directory``, and a real Redis."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMCOORD_", "DJANGO_"))}
     env["DJANGO_SETTINGS_MODULE"] = "django_app.project.settings"

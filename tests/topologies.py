@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from .support import wait_for
+from .processes import wait_for
 
 HOST = "127.0.0.1"
 BUS_OFFSET = 10000

@@ -24,13 +24,8 @@ from streamcoord import TaskRef
 from streamcoord.keys import KeySpace
 from streamcoord.taskstate import TERMINAL_EVENTS
 
-from .support import (
-    REPO,
-    Gateway,
-    Project,
-    RawSSE,
-    SSEEvent,
-)
+from .processes import REPO, Gateway, Project
+from .rawsse import RawSSE, SSEEvent
 
 TERMINAL = frozenset(TERMINAL_EVENTS)
 
