@@ -447,10 +447,14 @@ async def test_a_reconnect_storm_is_served_exactly_with_one_read_then_from_memor
     results = await asyncio.wait_for(asyncio.gather(*(c.events_until_end() for c in clients)), 30)
     for last, events in zip(storm + later, results, strict=True):
         assert [e.seq for e in events] == list(range(last.seq + 1, 312)), last
+    # Each storm client read history itself, shared another's read, or (when it came after the
+    # first one had made the hub follow the stream, which a busy machine makes likely) started
+    # from the window that read seeded.
     reads, shared = storm_counters.get("history_reads", 0), storm_counters.get("history_shared", 0)
-    assert reads + shared == 200 and reads < 100, storm_counters
+    storm_hits = storm_counters.get("window_hits", 0)
+    assert reads + shared + storm_hits == 200 and reads < 100, storm_counters
     counters = await stats(gateway)
-    assert counters.get("window_hits", 0) == len(later), counters
+    assert counters.get("window_hits", 0) == storm_hits + len(later), counters
     assert counters["history_reads"] == reads, counters
 
 
