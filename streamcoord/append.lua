@@ -19,11 +19,24 @@
 --   ended   the run already has its terminal event
 --   fenced  another writer's epoch owns the stream, another writer wrote seq, seq skips ahead,
 --           or the task's current run is not this writer's
---   lost    the stream, or this writer's last events, vanished (Redis lost data): the writer
---           starts the stream anew under a new epoch, and readers get a reset
+--   lost    the stream does not follow on from seq: it vanished, or this writer's last events
+--           did (Redis lost data), or an earlier append of this writer has not landed yet. The
+--           writer re-reads to tell which: on lost data it starts the stream anew under a new
+--           epoch, and readers get a reset; else it numbers the event again
+--   invalid the task's keys hold something else than a stream and a hash (written by hand):
+--           nothing is written, and the other events of the call are not affected
 local maxlen, stream_ttl, state_ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
+local function kind(key)
+  return redis.call('TYPE', key)['ok']
+end
+
 local function append(events, state, epoch, seq, etype, data, terminal, final, writer, run)
+  -- A wrong type would raise mid-call and fail every event of the batch: answer for this one.
+  local events_kind, state_kind = kind(events), kind(state)
+  if (events_kind ~= 'stream' and events_kind ~= 'none') or (state_kind ~= 'hash' and state_kind ~= 'none') then
+    return {'invalid', '', 0}
+  end
   local cur = redis.call('HMGET', state, 'epoch', 'last_seq', 'state', 'writer', 'run')
   local cur_epoch = cur[1] or ''
   local last = cur[2] and tonumber(cur[2]) or 0

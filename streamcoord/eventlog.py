@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .backoff import Backoff
 from .codec import DataEncoder, Frame, entry_frame
 from .connection import is_cluster_url
-from .errors import AppendError, StreamLost, TaskEnded, WriterFenced
+from .errors import AppendError, TaskEnded, WriterFenced
 from .ids import EventId, new_epoch
 from .keys import KeySpace, TaskRef
 from .publisher import Append, Publisher, Reply, Status
@@ -79,20 +79,25 @@ class TaskWriter:
     """Appends one task's events in order. One writer per run; a second one is fenced off.
 
     Sequence numbers are handed out when an append is submitted, so a task may fire several
-    sends at once. Each writer has a token, so the script tells a retry of this writer's own
-    append (written once) from another writer's append of the same number (fenced off). While
-    Redis is unreachable an append is re-sent with the same number for
-    ``Settings.send_retry_seconds``. An append whose outcome is unknown (it failed for good, or
-    its caller was cancelled) makes the writer re-read the stream before the next one, once
-    every queued append has been answered, so it never skips or repeats a number; should a late
-    append of its own still take a number first (one cut off on the wire lands after the
-    re-read), the script answers ``stale`` and the event is numbered again.
+    sends at once (they are written in the order they were made). Each writer has a token, so
+    the script tells a retry of this writer's own append (written once) from another writer's
+    append of the same number (fenced off). While Redis is unreachable an append is re-sent with
+    the same number for ``Settings.send_retry_seconds``.
+
+    The writer re-reads where its stream stands (``_open``) when it starts, and after an append
+    whose outcome it does not know (failed for good, cancelled) or that the script refused. It
+    re-reads only once none of its own appends is still on its way, and one re-read at a time,
+    so concurrent sends never number from two different reads. A late append that still lands
+    after the re-read (one cut off on the wire) makes the script answer ``stale`` to the next
+    one, which is numbered again. Only when Redis holds fewer events than this writer was told
+    were written (a restart without persistence, a failover that lost the tail) does the writer
+    start the stream anew under a new epoch, so every reader learns of the gap by a reset.
 
     A worker passes its ``run_token``: once another worker has taken the task over (this one's
     lease expired), every append of this writer is refused with :class:`WriterFenced`.
     """
 
-    #: How often one append may be numbered anew (``stale``, or ``lost`` once) before giving up.
+    #: How often one append may be numbered anew before the writer gives up on it.
     MAX_RENUMBERS = 4
 
     def __init__(
@@ -111,7 +116,12 @@ class TaskWriter:
         self._retry_seconds = settings.send_retry_seconds
         self._epoch = ""
         self._next_seq = 0
-        self._resync = True  # (re-)read the stream's position before the next append
+        self._written = 0  # the highest sequence Redis said it holds (in this epoch)
+        self._resync = True  # (re-)read the stream's position before numbering the next append
+        self._reading = asyncio.Lock()  # one re-read at a time; numbering waits for it
+        self._on_the_way = 0  # this writer's appends numbered and not yet answered
+        self._quiet = asyncio.Event()  # set while none is on the way
+        self._quiet.set()
 
     @property
     def epoch(self) -> str:
@@ -123,21 +133,57 @@ class TaskWriter:
         data = self.encoder.encode(event_type, payload)
         terminal = TERMINAL_EVENTS.get(event_type, "")
         final = json.dumps(final_value) if terminal and final_value is not None else ""
-        request: Append | None = None
-        backoff, deadline, renumbered = Backoff(first=0.05, cap=1.0), 0.0, 0
-        while True:
-            if request is None:  # number the event (again)
+        for _ in range(self.MAX_RENUMBERS):
+            request = await self._number(event_type, data, terminal, final)
+            try:
+                reply = await self._deliver(request)
+            finally:
+                self._answered()
+            if reply.status in (Status.OK, Status.DUP):
+                if request.epoch == self._epoch:
+                    self._written = max(self._written, request.seq)
+                self.ended = self.ended or (event_type if terminal else "")
+                return EventId(request.epoch, request.seq)
+            self._resync = True
+            if reply.status not in (Status.STALE, Status.LOST):
+                raise self._refused(reply, event_type)
+            # STALE: a late append of ours took the number. LOST: the stream does not follow on
+            # from this number (an append of ours not landed yet, or Redis lost events): the
+            # re-read tells which, and numbers the event again.
+        raise AppendError(
+            f"task {self.ref}: {event_type!r} was not appended: its number was taken "
+            f"{self.MAX_RENUMBERS} times over (last answer {reply.status!s})"
+        )
+
+    async def _number(self, event_type: str, data: bytes, terminal: str, final: str) -> Append:
+        """The next append of this writer, numbered (after a re-read, when one is due)."""
+        if self._resync or self._reading.locked():
+            async with self._reading:
                 if self._resync:
                     await self._open()
-                request = Append(
-                    self._events_key, self._state_key, self._epoch, self._next_seq, event_type,
-                    data, terminal, final, self.token, self.run_token,
-                )
-                self._next_seq += 1
+        # No await from here on: the number and the epoch go together.
+        request = Append(
+            self._events_key, self._state_key, self._epoch, self._next_seq, event_type, data,
+            terminal, final, self.token, self.run_token,
+        )
+        self._next_seq += 1
+        self._on_the_way += 1
+        self._quiet.clear()
+        return request
+
+    def _answered(self) -> None:
+        self._on_the_way -= 1
+        if not self._on_the_way:
+            self._quiet.set()
+
+    async def _deliver(self, request: Append) -> Reply:
+        """Send one append until Redis answers it, the same append each time (written once,
+        however many times it is sent), for up to ``send_retry_seconds``."""
+        backoff, deadline = Backoff(first=0.05, cap=1.0), 0.0
+        while True:
             try:
-                reply = await self._send(request)
+                return await self._publisher.append(request)
             except _UNREACHABLE as exc:
-                # The same append again: written once, however many times it is sent.
                 # (ClusterError: redirections ran out while slots move between nodes.)
                 now = asyncio.get_running_loop().time()
                 deadline = deadline or now + self._retry_seconds
@@ -147,53 +193,40 @@ class TaskWriter:
                     raise
                 log.warning("append to %s failed (%s); retrying in %.2fs", self.ref, exc, delay)
                 await asyncio.sleep(delay)
-                continue
-            if reply.status in (Status.OK, Status.DUP):
-                self.ended = self.ended or (event_type if terminal else "")
-                return EventId(self._epoch, request.seq)
-            self._resync = True
-            renumbered += 1
-            if renumbered >= self.MAX_RENUMBERS:
-                raise self._refused(reply, event_type)
-            if reply.status is Status.STALE or (reply.status is Status.LOST and request.epoch != self._epoch):
-                # A late append of ours took the number, or a concurrent append of ours has
-                # already started the stream anew: number the event again.
-                request = None
-                continue
-            if reply.status is Status.LOST:
-                # Redis lost the stream (restart without persistence, failover): start a new
-                # epoch, so every reader learns of the gap through a reset.
-                self._epoch, self._next_seq, self._resync, request = new_epoch(), 1, False, None
-                continue
-            raise self._refused(reply, event_type)
-
-    async def _send(self, request: Append) -> Reply:
-        try:
-            return await self._publisher.append(request)
-        except BaseException:
-            self._resync = True  # cancelled or failed: the outcome is unknown
-            raise
+            except BaseException:
+                self._resync = True  # cancelled or refused: the outcome is unknown
+                raise
 
     async def _open(self) -> None:
-        """Read where the stream stands, once every append queued so far is answered."""
+        """Read where the stream stands, once none of this writer's appends is on its way (and
+        the publisher's queue has gone out), and number on from there."""
+        await self._quiet.wait()
         await self._publisher.settled()
         pipe = self._redis.pipeline(transaction=False)
         pipe.exists(self._events_key)
         pipe.hmget(self._state_key, [Field.EPOCH, Field.LAST_SEQ])
-        exists, (epoch, last_seq) = await pipe.execute()
-        if exists and epoch:
-            if self._epoch and epoch.decode() != self._epoch:
-                raise WriterFenced(f"task {self.ref}: epoch {epoch.decode()} replaced ours ({self._epoch})")
-            self._epoch, self._next_seq = epoch.decode(), int(last_seq or 0) + 1
+        exists, (raw_epoch, raw_last) = await pipe.execute()
+        epoch, last_seq = (raw_epoch or b"").decode(), int(raw_last or 0)
+        if exists and epoch and self._epoch and epoch != self._epoch:
+            raise WriterFenced(f"task {self.ref}: epoch {epoch} replaced ours ({self._epoch})")
+        if exists and epoch and last_seq >= self._written:
+            self._epoch, self._next_seq = epoch, last_seq + 1
         else:
-            self._epoch, self._next_seq = new_epoch(), 1
+            # No stream yet, or Redis lost it or events it had acknowledged: start anew under a
+            # new epoch (the script replaces what is left of the old one).
+            if self._written:
+                log.warning("task %s: Redis lost events up to %d; the stream starts anew", self.ref, self._written)
+            self._epoch, self._next_seq, self._written = new_epoch(), 1, 0
         self._resync = False
 
     def _refused(self, reply: Reply, event_type: str) -> AppendError:
         if reply.status is Status.ENDED:
             return TaskEnded(f"task {self.ref} already ended; {event_type!r} was not appended")
-        if reply.status is Status.LOST:
-            return StreamLost(f"task {self.ref}: the stream vanished; {event_type!r} was not appended")
+        if reply.status is Status.INVALID:
+            return AppendError(
+                f"task {self.ref}: its Redis keys hold something else than a stream and a hash "
+                f"(written by hand?); {event_type!r} was not appended"
+            )
         return WriterFenced(
             f"task {self.ref}: another writer or run owns the stream (epoch {reply.epoch!r}, last "
             f"event {reply.last_seq}); {event_type!r} was not appended"

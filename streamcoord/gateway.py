@@ -32,10 +32,11 @@ from .eventlog import EventLog
 from .feed import Feed
 from .hub import Hub
 from .ids import EventId, parse_event_id
-from .jobs import JobQueue
+from .jobs import START_GRACE_MS, JobQueue
 from .keys import TaskRef
 from .registry import ModelRegistry
 from .settings import Settings
+from .taskstate import State
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,25 @@ class Gateway:
         self.extra_routes = extra_routes
         self.started = time.time()
         self._open_chunk = sse.OPEN_COMMENT + sse.encode_retry(settings.retry_ms)
+        self._later_starts: dict[TaskRef, asyncio.Task[None]] = {}
+
+    def _start_after_grace(self, ref: TaskRef) -> None:
+        """Another start is adding the task's job, or was cut off doing it: this client waits on
+        an open stream and will not come back to start it again, so the gateway looks once
+        more when that start's grace is over (a no-op if its job arrived meanwhile)."""
+        if ref in self._later_starts:
+            return
+
+        async def start_later() -> None:
+            try:
+                await asyncio.sleep(START_GRACE_MS / 1000 + 0.1)
+                await self.jobs.start(ref, lazy=True)
+            except (RedisError, OSError) as exc:
+                log.warning("starting %s after another start's grace failed: %s", ref, exc)
+            finally:
+                self._later_starts.pop(ref, None)
+
+        self._later_starts[ref] = asyncio.create_task(start_later(), name=f"start-later {ref}")
 
     def asgi(self) -> Any:
         return asgineer.to_asgi(self.handle)
@@ -173,7 +193,9 @@ class Gateway:
         if feed.state is not None and feed.state.awaits_start and self.settings.lazy_start:
             # The predecessor's lazy start: the first client of a created task starts it. The
             # start is one atomic step, so clients racing through any gateways start it once.
-            await self.jobs.start(ref, lazy=True)
+            outcome = await self.jobs.start(ref, lazy=True)
+            if not outcome.queued and outcome.state == State.QUEUED:
+                self._start_after_grace(ref)
         wants_sse = "text/event-stream" in request.headers.get("accept", "")
         if feed.state is not None and feed.state.ended and not wants_sse:
             return 200, {"content-type": "application/json"}, json.dumps(self._summary(feed))

@@ -1,9 +1,10 @@
 """The job queue: tasks waiting for a worker, in one Redis Stream read by a consumer group.
 
 A task's life is its state record (:mod:`streamcoord.taskstate` draws it). Every move is one
-atomic script on that one key (``start.lua``, ``begin.lua``, ``renew.lua``, ``recover.lua``,
-``hand_back.lua``, ``cancel.lua``), so two gateways starting the same task lazily, or a cancel
-racing a worker, resolve to exactly one outcome. Only then is the job added to the queue stream
+atomic script on that one key (``start.lua``, ``job_added.lua``, ``start_failed.lua``,
+``begin.lua``, ``renew.lua``, ``recover.lua``, ``hand_back.lua``, ``cancel.lua``), so two
+gateways starting the same task lazily, or a cancel racing a worker, resolve to exactly one
+outcome. Only then is the job added to the queue stream
 (another hash slot, so a separate command); a start whose job never got there is completed by
 the next start (see ``start.lua``).
 
@@ -107,16 +108,19 @@ class JobQueue:
 
         When adding the job fails, this raises and the task stays queued without a job; the
         next start (a retry, a reconnecting client's lazy start) adds it (``start.lua``)."""
-        add, before = await self._start(
-            keys=[self.keys.state(ref)], args=[_now(), "lazy" if lazy else "start", START_GRACE_MS]
-        )
-        if add:
-            try:
+        try:
+            add, before = await self._start(
+                keys=[self.keys.state(ref)], args=[_now(), "lazy" if lazy else "start", START_GRACE_MS]
+            )
+            if add:
                 entry_id = await self.redis.xadd(self.keys.jobs(), {"task": ref.label})
-            except BaseException:
-                with contextlib.suppress(RedisError, OSError):  # else the grace runs out
-                    await self._start_failed(keys=[self.keys.state(ref)], args=[])
-                raise
+        except BaseException:
+            # Flipped or not (a cancelled call may have run), give the turn up: the next start
+            # then adds the job at once instead of after the grace.
+            with contextlib.suppress(RedisError, OSError):
+                await self._start_failed(keys=[self.keys.state(ref)], args=[])
+            raise
+        if add:
             await self._job_added(keys=[self.keys.state(ref)], args=[entry_id])
         return StartOutcome(bool(add), _text(before))
 

@@ -59,6 +59,7 @@ class Status(enum.StrEnum):
     OK = "ok"
     DUP = "dup"
     STALE = "stale"
+    INVALID = "invalid"
     ENDED = "ended"
     FENCED = "fenced"
     LOST = "lost"
@@ -116,8 +117,9 @@ class Publisher:
         return handle
 
     async def settled(self) -> None:
-        """Return once every append queued so far has been answered (a writer waits for this
-        before it re-reads where its stream stands)."""
+        """Return once every append queued so far has gone out and been answered (a writer
+        waits for this before it re-reads where its stream stands; a call going out from its
+        caller's task is the caller's to wait for)."""
         waiting = [handle for _, handle in self._queue]
         if self._batch:
             waiting += self._batch

@@ -19,6 +19,7 @@ from streamcoord.taskstate import State
 
 from .faultproxy import FaultProxy
 from .processes import RedisServer, start_gateway
+from .workloads import until
 
 pytestmark = pytest.mark.system
 
@@ -93,6 +94,33 @@ async def test_a_gateway_lazy_start_cut_off_is_completed_when_the_client_comes_b
             assert await redis.hget(KEYS.state(REF), "job") == entry_id
         finally:
             await asyncio.to_thread(gateway.stop)
+
+
+async def test_a_client_waiting_on_a_start_cut_off_sees_the_task_start_after_the_grace(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> None:
+    """A starter flipped the task to queued and died before its XADD. A client that connects
+    within that start's grace stays connected (it will not come back to start the task), so
+    the gateway starts it once the grace is over."""
+    queue = JobQueue(redis, KEYS)
+    await queue.ensure_group()
+    await redis.hset(KEYS.state(REF), "state", State.PENDING)
+    await queue._start(keys=[KEYS.state(REF)], args=["now", "start", 2_000])  # then it died
+    gateway = await asyncio.to_thread(start_gateway, tmp_path, redis_server.url)
+    try:
+        transport = httpx.AsyncHTTPTransport(uds=str(gateway.socket))
+        headers = {"accept": "text/event-stream"}
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as http,
+            http.stream("GET", "/stream/shop/Job/1", headers=headers) as response,
+        ):
+            assert response.status_code == 200
+            assert await redis.xlen(KEYS.jobs()) == 0  # within the grace: left to the starter
+            await until(lambda: redis.xlen(KEYS.jobs()), START_GRACE_MS / 1000 + 10, "the job")
+        [(entry_id, _)] = await redis.xrange(KEYS.jobs())
+        assert await redis.hget(KEYS.state(REF), "job") == entry_id
+    finally:
+        await asyncio.to_thread(gateway.stop)
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["start", "lazy start"])

@@ -9,13 +9,14 @@ number, and the next event must be numbered again, not reported written (``dup``
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamcoord import EventLog, Settings, TaskRef
+from streamcoord import AppendError, EventId, EventLog, Settings, TaskRef
 from streamcoord.publisher import Append, Publisher
 
 from .processes import RedisServer
@@ -128,3 +129,79 @@ async def test_a_true_retry_of_a_written_event_is_still_a_dup(redis_server: Redi
     assert (await log.publisher.submit(other)).status == "stale"
     assert (await log.publisher.submit(other._replace(type="progress", data=fields[b"data"]))).status == "stale"
     assert await redis.xlen(log.keys.events(REF)) == 1
+
+
+async def test_concurrent_first_sends_of_a_new_writer_share_one_epoch(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Several sends at once from a writer that has not read its stream yet: one re-read, and
+    every event written under one epoch, numbered in the order they were made."""
+    log = EventLog(redis, Settings(redis_url=redis_server.url))
+    writer = log.writer(REF, "")
+    ids = await asyncio.gather(*(writer.append("progress", {"n": n}) for n in range(10)))
+    assert len({event_id.epoch for event_id in ids}) == 1
+    assert [event_id.seq for event_id in ids] == list(range(1, 11))
+    written = await redis.xrange(log.keys.events(REF))
+    assert [json.loads(fields[b"data"])["n"] for _, fields in written] == list(range(10))
+
+
+class UnreachableOnce(Publisher):
+    """A fault hook: the first call carrying ``seq`` never reaches Redis (its reply times out),
+    so its append waits to be re-sent while later appends of the same writer go out."""
+
+    def __init__(self, redis: Redis, settings: Settings, seq: int) -> None:
+        super().__init__(redis, settings)
+        self.seq, self.fired = seq, False
+
+    async def _call(self, common: list[str | int], appends: list[Append]) -> list[Any]:
+        if not self.fired and any(append.seq == self.seq for append in appends):
+            self.fired = True
+            raise RedisTimeoutError("Timeout talking to Redis")
+        return await Publisher._call(self, common, appends)
+
+
+async def test_an_append_overtaken_while_it_waits_to_be_resent_loses_nothing(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Event 3 times out and waits to be re-sent; the terminal event, numbered 4, reaches Redis
+    first and is answered 'lost' (3 is missing). That is not lost data: the writer waits for 3,
+    then numbers the terminal event again. Nothing is wiped, the task ends exactly once."""
+    settings = Settings(redis_url=redis_server.url)
+    log = EventLog(redis, settings)
+    log.publisher = UnreachableOnce(redis, settings, seq=3)
+    writer = log.writer(REF, "")
+    first = await writer.append("start", {})
+    await writer.append("progress", {"n": 1})
+    third, done = await asyncio.gather(
+        writer.append("progress", {"n": 2}), writer.append("complete", {}, final_value=1)
+    )
+    assert (third.epoch, third.seq) == (first.epoch, 3)
+    assert (done.epoch, done.seq) == (first.epoch, 4)
+    assert await entries(redis, log) == [(1, "start"), (2, "progress"), (3, "progress"), (4, "complete")]
+    state = await log.state(REF)
+    assert state is not None and state.state == "completed" and state.epoch == first.epoch
+
+
+async def test_a_broken_key_of_one_task_fails_only_its_own_append(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """One batch, two tasks; the second task's events key was overwritten by hand with a string.
+    The first task's append is written and answered ok; the second is refused, written nowhere."""
+    log = EventLog(redis, Settings(redis_url=redis_server.url))
+    broken = TaskRef("shop", "Job", "14")
+    await redis.set(log.keys.events(broken), "not a stream")
+    good_writer, broken_writer = log.writer(REF, ""), log.writer(broken, "")
+    await good_writer.append("start", {})
+    results = await asyncio.gather(
+        good_writer.append("progress", {}), broken_writer.append("start", {}), return_exceptions=True
+    )
+    assert results[0] == EventId(good_writer.epoch, 2)
+    assert isinstance(results[1], AppendError) and "hold something else" in str(results[1])
+    assert await redis.get(log.keys.events(broken)) == b"not a stream"
+    assert not await redis.exists(log.keys.state(broken))
+    keys = (log.keys.events(broken), log.keys.state(broken))
+    one = Append(*keys, "e", 1, "start", b"{}", "", "", "w", "")
+    other = Append(log.keys.events(REF), log.keys.state(REF), good_writer.epoch, 3, "progress", b"{}", "", "", good_writer.token, "")
+    handles = [log.publisher.submit(one), log.publisher.submit(other)]  # the same batch
+    replies = await asyncio.gather(*handles)
+    assert [reply.status for reply in replies] == ["invalid", "ok"]
