@@ -11,8 +11,7 @@
     │   └── PayloadTooLarge
     └── AppendError               Redis refused an append
         ├── TaskEnded                 the task already has its terminal event
-        ├── WriterFenced              another writer owns the stream now (different epoch)
-        └── StreamLost                the stream vanished mid-run (Redis lost data)
+        └── WriterFenced              another writer owns the stream now (different epoch)
 
 Messages say what happened and, where a user can act, what to do.
 """
@@ -68,10 +67,6 @@ class TaskEnded(AppendError):
 
 class WriterFenced(AppendError):
     """Another writer owns the task's stream now (its epoch differs from this writer's)."""
-
-
-class StreamLost(AppendError):
-    """The task's stream vanished while this writer was appending (Redis lost data)."""
 
 
 class UnknownTask(StreamcoordError, LookupError):

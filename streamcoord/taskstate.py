@@ -43,11 +43,6 @@ TERMINAL_EVENTS: dict[str, State] = {
 }
 #: States a task never leaves (its stream and record then expire).
 ENDED: frozenset[State] = frozenset(TERMINAL_EVENTS.values())
-#: States in which a start queues the task: a lazy start (the gateway's) only from ``pending``.
-STARTABLE: frozenset[State] = frozenset({State.PENDING})
-#: States in which a cancel request is taken.
-CANCELLABLE: frozenset[State] = frozenset({State.PENDING, State.QUEUED, State.RUNNING})
-
 #: Every move the scripts make, as (from, to); ``None`` is "no record". A test walks the scripts
 #: and checks none moves otherwise.
 TRANSITIONS: frozenset[tuple[State | None, State]] = frozenset(
