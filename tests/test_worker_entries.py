@@ -48,6 +48,11 @@ def test_a_heartbeat_is_read_from_heartbeat_ms_or_an_older_heartbeat_at(raw: byt
         (entry(heartbeat_ms="soon"), "heartbeat_ms is not a number: 'soon'"),
         (entry(heartbeat_ms=True), "heartbeat_ms is not a number: True"),
         (entry(heartbeat_ms=None, heartbeat_at="2026-12-03T09:00:00+00:00"), "heartbeat_ms is not a number: None"),
+        # JSON numbers Python reads as floats that are no time (int() of them raises OverflowError)
+        (b'{"heartbeat_ms": 1e400}', "heartbeat_ms is not a finite number: inf"),
+        (b'{"heartbeat_ms": Infinity}', "heartbeat_ms is not a finite number: inf"),
+        (b'{"heartbeat_ms": -Infinity}', "heartbeat_ms is not a finite number: -inf"),
+        (b'{"heartbeat_ms": NaN}', "heartbeat_ms is not a finite number: nan"),
     ],
 )
 def test_a_malformed_entry_says_what_is_wrong(raw: bytes, problem: str) -> None:

@@ -102,6 +102,24 @@ async def test_silence_is_measured_on_the_redis_clock_and_malformed_entries_are_
 
 
 @pytest.mark.timeout(10)
+async def test_entries_whose_heartbeat_is_no_finite_number_are_dropped_without_stopping_the_round(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = await redis_now_ms(redis)
+    bad = {"huge": b'{"heartbeat_ms": 1e400}', "infinite": b'{"heartbeat_ms": Infinity}', "nan": b'{"heartbeat_ms": NaN}'}
+    await redis.hset(KEYS.workers(), mapping=bad)
+    await redis.hset(KEYS.workers(), mapping={
+        "alive": json.dumps({"heartbeat_ms": now}), "dead": json.dumps({"heartbeat_ms": now - HOUR_MS}),
+    })
+    with caplog.at_level(logging.INFO, logger="worker.presence"):
+        await presence(redis).forget_silent_workers()
+    assert set(await registry(redis)) == {"alive"}
+    dropped = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert sorted(line.split("'")[1] for line in dropped) == sorted(bad), dropped
+    assert all("heartbeat_ms is not a finite number" in line for line in dropped), dropped
+
+
+@pytest.mark.timeout(10)
 async def test_leaving_removes_only_this_workers_keys(redis: Redis) -> None:
     me, other = presence(redis, "me"), presence(redis, "other")
     await me.heartbeat()

@@ -12,16 +12,18 @@ through the job queue's pending list). So forgetting is housekeeping with two ru
 
 * Silence is measured on the Redis server's clock, as leases are: a worker whose host clock is
   off by minutes is neither forgotten while alive nor kept when dead.
-* An entry that cannot be read (not JSON, no heartbeat, a bad date: a hand edit, a bug) is
-  logged once and dropped, and never stops the round. Dropping is safe: a live worker writes
-  its entry again at its next heartbeat. Only the entry goes, not the keys named after it: a
-  worker we cannot read might be alive, and its control stream may hold a cancel request.
+* An entry that cannot be read (not JSON, no heartbeat, a heartbeat that is no finite number,
+  a bad date: a hand edit, a bug) is logged once and dropped, and never stops the round.
+  Dropping is safe: a live worker writes its entry again at its next heartbeat. Only the entry
+  goes, not the keys named after it: a worker we cannot read might be alive, and its control
+  stream may hold a cancel request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -63,6 +65,8 @@ def heartbeat_ms(raw: bytes) -> int:
         value = entry["heartbeat_ms"]
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"heartbeat_ms is not a number: {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's 1e400, Infinity, NaN
+            raise ValueError(f"heartbeat_ms is not a finite number: {value!r}")
         return int(value)
     if "heartbeat_at" in entry:
         value = entry["heartbeat_at"]
