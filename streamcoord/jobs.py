@@ -21,15 +21,19 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
+from redis.typing import EncodableT, FieldT
 
 from . import scripts
 from .keys import KeySpace, TaskRef
 from .taskstate import State
+
+log = logging.getLogger(__name__)
 
 GROUP = "workers"
 #: The pending list is paged through this many entries a call (Redis examines at most ten
@@ -49,6 +53,9 @@ class Verdict(enum.StrEnum):
     ALIVE = "alive"  #: the lease has not expired: leave it, look again later
     QUEUED = "queued"  #: never began: run it as usual
     MISSING = "missing"  #: no record: nothing to run
+    #: the lease expired with a cancel asked for (it went to the stopped worker): end the task
+    #: with ``cancelled``
+    CANCEL = "cancel"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,7 +132,8 @@ class JobQueue:
         return StartOutcome(bool(add), _text(before))
 
     async def claim(self, consumer: str, count: int, block_ms: int) -> list[Job]:
-        """Up to ``count`` new jobs for this consumer, waiting up to ``block_ms``."""
+        """Up to ``count`` new jobs for this consumer, waiting up to ``block_ms``. A malformed
+        entry among them is dropped, not returned (see :meth:`_jobs_of`)."""
         try:
             reply: Any = await self.redis.xreadgroup(
                 GROUP, consumer, {self.keys.jobs(): ">"}, count=count, block=block_ms
@@ -135,7 +143,7 @@ class JobQueue:
                 raise
             await self.ensure_group()  # Redis lost the queue (restart without persistence)
             return []
-        return [_job(entry_id, fields) for _key, entries in reply or () for entry_id, fields in entries]
+        return await self._jobs_of([entry for _key, entries in reply or () for entry in entries])
 
     async def claim_abandoned(self, consumer: str, idle_ms: int, limit: int = 100) -> list[Job]:
         """Up to ``limit`` jobs whose worker stopped refreshing them for ``idle_ms`` (dead,
@@ -144,7 +152,7 @@ class JobQueue:
         XAUTOCLAIM examines at most ten entries per entry asked for, so one call from the start
         never reaches abandoned jobs behind a thousand live ones. This pages on through the
         whole pending list, and a round that stops at ``limit`` leaves a cursor where the next
-        one goes on."""
+        one goes on. A malformed entry is dropped, not returned (see :meth:`_jobs_of`)."""
         jobs: list[Job] = []
         cursor = self._abandoned_cursor
         while len(jobs) < limit:
@@ -159,7 +167,7 @@ class JobQueue:
                 await self.ensure_group()
                 cursor = "0-0"
                 break
-            jobs += [_job(entry_id, fields) for entry_id, fields in reply[1] if fields]
+            jobs += await self._jobs_of([(entry_id, fields) for entry_id, fields in reply[1] if fields])
             cursor = _text(reply[0])
             if cursor == "0-0":  # the whole list was seen
                 break
@@ -215,9 +223,36 @@ class JobQueue:
     async def dead_letter(self, job: Job, attempts: int, reason: str) -> None:
         """Record a task that used up its attempts in the dead-letter stream."""
         await self.redis.xadd(
-            self.keys.dead_letters(),
-            {"task": job.ref.label, "attempts": attempts, "reason": reason, "at": _now()},
+            self.keys.dead_letters(), _dead_letter(job.ref.label, attempts, reason), maxlen=10_000, approximate=True
+        )
+
+    async def _jobs_of(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Job]:
+        """The jobs of claimed entries. A malformed entry (no ``task``, or one that names no
+        task: a hand edit, a producer of another version) is dropped from the queue and listed
+        in the dead letters, with a warning: it could never run, and raising here would stop
+        the worker's claims or its recovery rounds at every turn."""
+        jobs: list[Job] = []
+        for entry_id, fields in entries:
+            try:
+                jobs.append(_job(entry_id, fields))
+            except ValueError as problem:
+                await self._drop_malformed(entry_id.decode(errors="replace"), fields, str(problem))
+        return jobs
+
+    async def _drop_malformed(self, entry_id: str, fields: dict[bytes, bytes], problem: str) -> None:
+        task = fields.get(b"task", b"").decode(errors="replace")[:200]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(
+            self.keys.dead_letters(), _dead_letter(task, 0, f"malformed job {entry_id}: {problem}"),
             maxlen=10_000, approximate=True,
+        )
+        pipe.xack(self.keys.jobs(), GROUP, entry_id)
+        pipe.xdel(self.keys.jobs(), entry_id)
+        await pipe.execute()
+        log.warning(
+            "dropped the malformed job %s of %s (%s): %r; listed in %s",
+            entry_id, self.keys.jobs(), problem, {k.decode(errors="replace"): v[:200] for k, v in fields.items()},
+            self.keys.dead_letters(),
         )
 
     async def request_cancel(self, ref: TaskRef) -> tuple[str, str]:
@@ -237,4 +272,12 @@ def _text(value: Any) -> str:
 
 
 def _job(entry_id: bytes, fields: dict[bytes, bytes]) -> Job:
-    return Job(entry_id.decode(), TaskRef.parse(fields[b"task"].decode()))
+    """The job of a queue entry; raises ValueError saying what is wrong with a malformed one."""
+    if b"task" not in fields:
+        raise ValueError("no task field")
+    return Job(entry_id.decode(), TaskRef.parse(fields[b"task"].decode()))  # both raise ValueError
+
+
+def _dead_letter(task: str, attempts: int, reason: str) -> dict[FieldT, EncodableT]:
+    """A dead letter's fields: ``task`` (its label), ``attempts``, ``reason``, ``at``."""
+    return {"task": task, "attempts": attempts, "reason": reason, "at": _now()}
