@@ -23,6 +23,7 @@ from django.apps import apps
 from redis.asyncio import Redis
 
 from streamcoord.connection import RedisFactory
+from streamcoord.errors import TaskEnded, WriterFenced
 from streamcoord.eventlog import EventLog, TaskWriter
 from streamcoord.jobs import JobQueue, StartOutcome
 from streamcoord.keys import KeySpace, TaskRef
@@ -170,14 +171,24 @@ class TaskCoordinator:
 
     async def cancel_task(self, task: StreamTask) -> str:
         """Cancel the task wherever it is: a pending or queued one never starts; a running one
-        is cancelled by its worker within a second. Returns what happened, in words."""
+        is cancelled by its worker within a second. Returns what happened, in words.
+
+        A task left ``cancelling`` (a cancel cut off before its ``cancelled`` event) is ended
+        by the next cancel, or by the worker that finds it so."""
         runtime = await self._runtime()
         ref = task.stream_ref
         before, worker = await runtime.queue.request_cancel(ref)
-        if before in (State.PENDING, State.QUEUED):
-            await runtime.events.writer(ref).append("cancelled", {"message": "cancelled before it started"})
-            await task.mark_failed("cancelled before it started", status=Status.CANCELLED)
-            return "cancelled before it started"
+        if before in (State.PENDING, State.QUEUED, State.CANCELLING):
+            message = "cancelled before it started"
+            try:
+                await runtime.events.writer(ref).append("cancelled", {"message": message})
+            except (TaskEnded, WriterFenced):
+                # Another canceller, or a worker that found the task cancelling, wrote it first.
+                record = await runtime.events.state(ref)
+                if record is None or record.state != State.CANCELLED:
+                    return f"nothing to cancel: the task is {record.state if record else 'unknown to Redis'}"
+            await task.mark_failed(message, status=Status.CANCELLED)
+            return message
         if before == State.RUNNING:
             return f"cancellation sent to worker {worker}"
         return f"nothing to cancel: the task is {before or 'unknown to Redis'}"

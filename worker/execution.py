@@ -6,12 +6,21 @@ How a run ends, and what it leaves behind:
 ``process()`` returns                  ``complete`` ``{final_value}`` (unless it sent one)
 ``process()`` raises                   ``error`` ``{message, error_type}``; traceback logged
 the task's own ``time_limit`` expires  ``error`` ``TimeoutError``, "exceeded its time limit"
+``process()`` sent its own end         that end, recorded on the row, whatever came after it
 stopped from outside: a cancel         ``cancelled``
 stopped from outside: a hand back      nothing: another worker takes the task over now
 stopped from outside: lease lost       nothing: the worker that took it over owns the end
-another run owns the stream            nothing (``WriterFenced``): the outcome is theirs
+another run owns the task              nothing (``WriterFenced``): the outcome and the job
+                                       are the other run's; this run never acknowledges
+                                       the job (the other worker's entry now)
 Redis fails under the run              nothing: once the lease expires, recovery takes over
 =====================================  ===================================================
+
+Stops come from outside (the control channel, the lease renewal, a shutdown) and are honoured
+only while they can still change the outcome: one that comes before the run has begun is acted
+on once it has (a hand back before ``begin`` leaves the job to another worker), and one that
+comes after ``process()`` returned or raised is ignored: the run is writing its end then, and
+cancelling that would leave the task without its row and its job without an acknowledgement.
 
 A ``TimeoutError`` is the time limit's only when the limit itself expired: ``process()`` may
 raise its own (an upstream call that timed out), and that is an ordinary failure with its own
@@ -29,10 +38,11 @@ from typing import Any
 from django.core.exceptions import ObjectDoesNotExist
 from redis.exceptions import RedisError
 
-from django_app.models import Status, StreamTask
+from django_app.models import StreamTask
 from streamcoord.errors import EventRejected, WriterFenced
 from streamcoord.eventlog import EventLog, TaskWriter
-from streamcoord.jobs import Job, JobQueue
+from streamcoord.jobs import GROUP, Job, JobQueue
+from streamcoord.taskstate import State
 
 from . import outcomes
 from .outcomes import Outcome
@@ -57,18 +67,26 @@ class Run:
     token: str
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
+    #: The task's record names this run (``begin.lua`` took it, or recovery took it over): from
+    #: here on its lease is renewed, and a stop cancels it.
+    begun: bool = False
+    #: ``process()`` returned or raised: the run writes its end, which no stop interrupts.
+    ending: bool = False
 
     @property
     def label(self) -> str:
         return self.job.ref.label
 
     def stop(self, reason: StopReason) -> bool:
-        """Cancel the run's coroutine for ``reason``, unless it already ended or is already
-        being stopped (the first reason wins). True when this call stopped it."""
-        if self.task is None or self.task.done() or self.stop_reason is not None:
+        """Stop the run for ``reason``, unless it already ended, is writing its end, or is
+        already being stopped (the first reason wins). A run that has not begun is not
+        cancelled (that would cut ``begin`` off midway): it acts on the reason once it has.
+        True when this call stopped it."""
+        if self.task is None or self.task.done() or self.stop_reason is not None or self.ending:
             return False
         self.stop_reason = reason
-        self.task.cancel()
+        if self.begun:
+            self.task.cancel()
         return True
 
 
@@ -83,18 +101,22 @@ class Executor:
 
     async def run(self, run: Run, attempt: int | None) -> None:
         """Begin the task (unless ``attempt`` says this worker took it over and began it
-        already), run it to its end, and acknowledge its job."""
+        already), run it to its end, and acknowledge its job, if this run still owns it then."""
         label = run.label
         try:
             if attempt is None:
+                if run.stop_reason == StopReason.HAND_BACK:
+                    # Not begun: the job stays pending, and another worker runs it once it has
+                    # been idle for a lease (recovery's "queued").
+                    log.info("task %s handed back before it began", label)
+                    return
                 attempt = await self.queue.begin(run.job.ref, self.worker_id, run.token, self.lease_ms)
                 if attempt is None:
-                    log.info("task %s is no longer queued; skipped", label)
-                    await self.queue.finish(run.job)
+                    await self._not_begun(run)
                     return
+            run.begun = True
             log.info("task %s started (attempt %d)", label, attempt)
-            await self._execute(run, attempt)
-            if run.stop_reason not in (StopReason.LOST, StopReason.HAND_BACK):
+            if await self._execute(run, attempt):
                 await self.queue.finish(run.job)
         except (RedisError, OSError) as exc:
             # The job stays pending: once its lease runs out, a worker takes it over.
@@ -104,61 +126,101 @@ class Executor:
             # runs out, recovery acknowledges it (the stream has its end) or runs it again.
             log.exception("task %s: ending the run failed; leaving it to recovery", label)
 
-    async def _execute(self, run: Run, attempt: int) -> None:
+    async def _not_begun(self, run: Run) -> None:
+        """``begin`` refused the task: it is not queued (cancelled before it began, begun from
+        another entry of the same start, or ended). The job is dropped; a task left
+        ``cancelling`` (its canceller cut off before the ``cancelled`` event) is ended here."""
+        record = await self.events.state(run.job.ref)
+        if record is not None and record.state == State.CANCELLING:
+            if await outcomes.end_cancelling(self.events, run.job.ref):
+                log.info("task %s was cancelled before it began: ended it with cancelled", run.label)
+        else:
+            log.info("task %s is no longer queued; skipped", run.label)
+        if await self._still_ours(run.job):
+            await self.queue.finish(run.job)
+
+    async def _still_ours(self, job: Job) -> bool:
+        """Whether the job's entry is still pending under this worker. A ``begin`` slower than
+        a lease lets another worker take the entry over (and begin the task from it); XACK is
+        not per consumer, so acknowledging it then would drop that worker's job."""
+        found = await self.queue.redis.xpending_range(
+            self.queue.keys.jobs(), GROUP, min=job.entry_id, max=job.entry_id, count=1,
+            consumername=self.worker_id,
+        )
+        return bool(found)
+
+    async def _execute(self, run: Run, attempt: int) -> bool:
+        """Run the task and write its end. True when this run ended it (its terminal event is
+        in the stream, under this run's token), so the job is this run's to acknowledge; False
+        when the task is another run's now, or was handed back."""
         ref = run.job.ref
         writer = self.events.writer(ref, run.token)
-        try:
-            task = await outcomes.load_task(ref)
-        except (LookupError, ValueError, ObjectDoesNotExist) as exc:
-            await self._fail(writer, None, exc, f"no task {ref} in the database")
-            return
-        task._stream_writer = writer
+        task: StreamTask | None = None
         limit: asyncio.Timeout | None = None
         try:
-            await outcomes.record_running(task)
-            if attempt > 1:
-                await writer.append("attempt", {"attempt": attempt, "reason": "the previous worker stopped"})
-            async with asyncio.timeout(task.time_limit) as limit:
-                result = await task.process()
+            record = await self.events.state(ref)
+            if record is not None and record.cancel_requested_at and run.stop_reason is None:
+                # Asked while this run was being begun or taken over: the request reached this
+                # worker before the run could be stopped, or went to the worker before it.
+                run.stop_reason = StopReason.CANCEL
+            if run.stop_reason is None:
+                task = await outcomes.load_task(ref)
+                task._stream_writer = writer
+                await outcomes.record_running(task)
+                if attempt > 1:
+                    await writer.append("attempt", {"attempt": attempt, "reason": "the previous worker stopped"})
+                async with asyncio.timeout(task.time_limit) as limit:
+                    result = await task.process()
         except asyncio.CancelledError:
             if run.stop_reason is None:
                 raise  # the worker itself is being torn down
+            run.ending = True
             _uncancel()
-            await self._stopped_from_outside(run, writer, task)
-            return
+            return await self._stopped_from_outside(run, writer, task)
         except WriterFenced:
+            run.ending = True
             log.warning("task %s: another worker owns it now; this run stops without a word", ref)
-            return
+            return False
         except Exception as exc:
+            run.ending = True
+            if task is None:
+                if not isinstance(exc, LookupError | ValueError | ObjectDoesNotExist):
+                    raise  # the database failed: the job stays pending for recovery
+                return await self._fail(writer, None, exc, f"no task {ref} in the database")
             if isinstance(exc, TimeoutError) and limit is not None and limit.expired():
                 log.info("task %s exceeded its time limit of %ss", ref, task.time_limit)
-                await self._fail(writer, task, exc, f"exceeded its time limit of {task.time_limit}s")
-            else:
-                log.exception("task %s failed", ref)
-                await self._fail(writer, task, exc)
-            return
-        if run.stop_reason is not None:  # process() swallowed the cancellation
-            await self._stopped_from_outside(run, writer, task)
-            return
-        await self._finish(writer, task, result)
+                return await self._fail(writer, task, exc, f"exceeded its time limit of {task.time_limit}s")
+            log.exception("task %s failed", ref)
+            return await self._fail(writer, task, exc)
+        run.ending = True
+        if task is None or run.stop_reason is not None:
+            # Stopped before process() began, or process() swallowed the cancellation.
+            _uncancel()
+            return await self._stopped_from_outside(run, writer, task)
+        return await self._finish(writer, task, result)
 
-    async def _stopped_from_outside(self, run: Run, writer: TaskWriter, task: StreamTask) -> None:
+    async def _stopped_from_outside(self, run: Run, writer: TaskWriter, task: StreamTask | None) -> bool:
+        if writer.ended:  # process() had sent its own end: that is the outcome, the stop came late
+            return await self._end(writer, task, Outcome.sent_by_the_task(writer.ended))
         if run.stop_reason == StopReason.CANCEL:
-            if await self._end(writer, task, Outcome.cancelled()):
-                log.info("task %s cancelled", writer.ref)
-        elif run.stop_reason == StopReason.HAND_BACK:
+            outcome = Outcome.cancelled()
+            if not await self._end(writer, task, outcome):
+                return False
+            if task is None:  # cancelled before the row was loaded
+                await outcomes.record_by_ref(writer.ref, outcome)
+            log.info("task %s cancelled", writer.ref)
+            return True
+        if run.stop_reason == StopReason.HAND_BACK:
             handed = await self.queue.hand_back(run.job, self.worker_id, run.token, self.lease_ms)
             log.info("task %s handed back to the other workers%s", writer.ref, "" if handed else " (already gone)")
         # LOST: another worker owns the task; it records the outcome, not us.
+        return False
 
-    async def _finish(self, writer: TaskWriter, task: StreamTask, result: Any) -> None:
+    async def _finish(self, writer: TaskWriter, task: StreamTask, result: Any) -> bool:
         """``process()`` returned ``result``: complete the run, unless the task ended it itself."""
-        if writer.ended == "error":
-            await outcomes.record(task, Outcome(Status.FAILED, message="the task sent its own error event"))
-            return
-        if writer.ended == "cancelled":
-            await outcomes.record(task, Outcome.cancelled("the task sent its own cancelled event"))
-            return
+        if writer.ended in ("error", "cancelled"):
+            await outcomes.record(task, Outcome.sent_by_the_task(writer.ended))
+            return True
         outcome = Outcome.completed(result)
         try:
             if writer.ended:  # it sent its own complete: only the final value is left to keep
@@ -167,27 +229,31 @@ class Executor:
                 await _append_end(writer, outcome)
         except WriterFenced:
             log.warning("task %s: another worker owns it now; its outcome is theirs", writer.ref)
-            return
+            return False
         except (EventRejected, TypeError, ValueError) as exc:
-            await self._fail(writer, task, exc, f"final value refused: {exc}")
-            return
+            return await self._fail(writer, task, exc, f"final value refused: {exc}")
         await outcomes.record(task, outcome)
         log.info("task %s completed", writer.ref)
+        return True
 
-    async def _fail(self, writer: TaskWriter, task: StreamTask | None, exc: BaseException, message: str = "") -> None:
+    async def _fail(self, writer: TaskWriter, task: StreamTask | None, exc: BaseException, message: str = "") -> bool:
         """End the run with one ``error`` event (no traceback: that stays in this log)."""
         outcome = Outcome.failed(type(exc).__name__, message or str(exc) or type(exc).__name__)
-        await self._end(writer, task, outcome)
+        return await self._end(writer, task, outcome)
 
     async def _end(self, writer: TaskWriter, task: StreamTask | None, outcome: Outcome) -> bool:
-        """Write the outcome's terminal event (unless the run has one already) and record it on
-        the row. False when another run owns the stream: the outcome is theirs to record."""
-        try:
-            if not writer.ended:
+        """Write the outcome's terminal event and record it on the row. When ``process()``
+        sent its own terminal event, that one is the outcome (Redis ended the task with it) and
+        the row records it instead. False when another run owns the task: the outcome, the row
+        and the job are theirs."""
+        if writer.ended:
+            outcome = Outcome.sent_by_the_task(writer.ended)
+        else:
+            try:
                 await _append_end(writer, outcome)
-        except WriterFenced:
-            log.warning("task %s: another worker owns it now; its outcome is theirs", writer.ref)
-            return False
+            except WriterFenced:
+                log.warning("task %s: another worker owns it now; its outcome is theirs", writer.ref)
+                return False
         if task is not None:
             await outcomes.record(task, outcome)
         return True
@@ -200,5 +266,5 @@ async def _append_end(writer: TaskWriter, outcome: Outcome) -> None:
 def _uncancel() -> None:
     """We handle this cancellation ourselves; later awaits of the task must not see it."""
     current = asyncio.current_task()
-    if current is not None:
+    if current is not None and current.cancelling():
         current.uncancel()

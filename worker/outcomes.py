@@ -17,11 +17,15 @@ from django.apps import apps
 from django.utils import timezone
 
 from django_app.models import Status, StreamTask
+from streamcoord.errors import TaskEnded, WriterFenced
+from streamcoord.eventlog import EventLog
 from streamcoord.keys import TaskRef
 from streamcoord.taskstate import TERMINAL_EVENTS, State
 
 #: The terminal event that records each ended status.
 _EVENT_OF: dict[str, str] = {state.value: event for event, state in TERMINAL_EVENTS.items()}
+#: Why a task cancelled before any run of it began was cancelled (the coordinator says the same).
+CANCELLED_BEFORE_START = "cancelled before it started"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +69,17 @@ class Outcome:
     def row_error(self) -> str:
         """The row's ``error``: ``"ErrorType: message"``, or the message alone."""
         return f"{self.error_type}: {self.message}" if self.error_type else self.message
+
+    @classmethod
+    def sent_by_the_task(cls, event_type: str, final_value: Any = None) -> Outcome:
+        """The outcome of a terminal event ``process()`` sent itself. Redis ended the task with
+        it, so the row records it too, however the run went on (it may still have raised, run
+        out of time or been cancelled)."""
+        if event_type == "complete":
+            return cls.completed(final_value)
+        if event_type == "error":
+            return cls(Status.FAILED, message="the task sent its own error event")
+        return cls.cancelled("the task sent its own cancelled event")
 
     @classmethod
     def from_row(cls, status: str, final_value: Any, error: str) -> Outcome | None:
@@ -136,3 +151,21 @@ async def recorded_outcome(ref: TaskRef) -> Outcome | None:
         return None
     row = await model.objects.filter(pk=ref.pk).only("status", "final_value", "error").afirst()
     return Outcome.from_row(row.status, row.final_value, row.error) if row is not None else None
+
+
+async def end_cancelling(events: EventLog, ref: TaskRef) -> bool:
+    """End a task left ``cancelling``: cancelled before any worker began it, its ``cancelled``
+    event not written yet (the canceller was cut off after ``cancel.lua``, or is writing it
+    now). Writes that event (with no run token: no run ever owned the task) and records the row
+    cancelled. A canceller that writes it first is fine: its event stands, the row says the
+    same. False when the task turned out to be neither (events sent from outside a worker made
+    it running): nothing is recorded then."""
+    outcome = Outcome.cancelled(CANCELLED_BEFORE_START)
+    try:
+        await events.writer(ref).append(outcome.event_type, outcome.payload())
+    except (TaskEnded, WriterFenced):
+        record = await events.state(ref)
+        if record is None or record.state != State.CANCELLED:
+            return False
+    await record_by_ref(ref, outcome)
+    return True

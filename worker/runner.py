@@ -8,9 +8,10 @@ Failures are outcomes too. Each run holds a lease, renewed every third of
 ``Settings.lease_seconds``; a worker that dies stops renewing, and any other worker takes its
 tasks over: it re-runs them while their class's ``max_attempts`` allows (the stream goes on with
 an ``attempt`` event), else ends them with ``error`` (``WorkerLost``) and lists them in the
-dead-letter stream. A worker that lost a lease (paused past it) stops that run without writing:
-the stream refuses its run token. On SIGTERM a worker stops taking tasks, lets running ones
-finish within the grace period, and hands the rest back to the others.
+dead-letter stream; one asked to cancel meanwhile it ends with ``cancelled``. A worker that lost
+a lease (paused past it) stops that run without writing, and leaves its job alone: the stream
+refuses its run token, and the job is the other worker's now. On SIGTERM a worker stops taking
+tasks, lets running ones finish within the grace period, and hands the rest back to the others.
 
 This module is the worker's lifecycle and wiring: claiming jobs while slots are free, the loops
 that keep it alive, and stopping. The parts live beside it:
@@ -85,6 +86,10 @@ class Worker:
         )
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: Held by a recovery round, which may launch runs: the drain waits for it.
+        self._recovering = asyncio.Lock()
+        #: Every run is being handed back (a second stop, or the grace period is over).
+        self._handing_back = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -126,16 +131,20 @@ class Worker:
 
     async def _drain(self) -> None:
         """Give running tasks the grace period, then hand back what still runs."""
+        async with self._recovering:
+            pass  # a round under way may still launch runs (no round starts once stopping)
         if not self.runs:
             return
-        grace = self.settings.shutdown_grace_seconds
-        log.info("waiting up to %ss for %d running tasks", grace, len(self.runs))
         tasks = [run.task for run in self.runs.values() if run.task is not None]
-        await asyncio.wait(tasks, timeout=grace)
+        if not self._handing_back:
+            grace = self.settings.shutdown_grace_seconds
+            log.info("waiting up to %ss for %d running tasks", grace, len(self.runs))
+            await asyncio.wait(tasks, timeout=grace)
         self._hand_back_all()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _hand_back_all(self) -> None:
+        self._handing_back = True
         for run in self.runs.values():
             run.stop(StopReason.HAND_BACK)
 
@@ -167,14 +176,32 @@ class Worker:
                 continue
             backoff.reset()
             for job in jobs:
-                self._launch(job, secrets.token_hex(8), None)
+                await self._launch(job, secrets.token_hex(8), None)
 
-    def _launch(self, job: Job, token: str, attempt: int | None) -> None:
+    async def _launch(self, job: Job, token: str, attempt: int | None) -> None:
         """Run a job in a task of its own; ``attempt`` is set for a run this worker took over
-        (and so began already)."""
+        (and so began already).
+
+        A task has one run on this worker at a time, and a run is never replaced. A second
+        queue entry of a task this worker has already (two entries of one start, claimed
+        together) is acknowledged and dropped: its ``begin`` could only fail. A task taken over
+        while a run of it is still here waits for that run to end: the record names the new
+        run now, so the one here can only be a run whose ``begin`` is failing, or one that lost
+        its lease (stopped here)."""
+        label = job.ref.label
+        while (here := self.runs.get(label)) is not None and here.task is not None:
+            if attempt is None:
+                log.info("task %s: a second queue entry (%s) while this worker has it; dropped", job.ref, job.entry_id)
+                try:
+                    await self.queue.finish(job)
+                except (RedisError, OSError) as exc:  # it stays pending; recovery acknowledges it
+                    log.warning("could not drop the second queue entry of %s: %s", job.ref, exc)
+                return
+            here.stop(StopReason.LOST)
+            await asyncio.wait([here.task])
         run = Run(job, token)
-        self.runs[run.label] = run  # before the task starts, so a cancel request finds it
-        run.task = asyncio.create_task(self._run(run, attempt), name=run.label)
+        self.runs[label] = run  # before the task starts, so a cancel request finds it
+        run.task = asyncio.create_task(self._run(run, attempt), name=label)
 
     async def _run(self, run: Run, attempt: int | None) -> None:
         """One run, with the worker's bookkeeping around it: the running set and the slot."""
@@ -190,16 +217,17 @@ class Worker:
     # -- the loops' steps --------------------------------------------------------------------
 
     async def _renew_leases(self) -> None:
-        """Renew the leases of the runs going on; stop those another worker took over."""
-        runs = {run.job: run.token for run in self.runs.values() if run.stop_reason is None}
-        for job in await self.queue.renew(self.id, runs, self.lease_ms):
-            run = self.runs.get(job.ref.label)
-            if run is not None and run.stop(StopReason.LOST):
+        """Renew the leases of the runs going on; stop those another worker took over. A run
+        that has not begun yet has no lease to renew: the record is not its yet."""
+        runs = {run.job: run for run in self.runs.values() if run.begun and run.stop_reason is None}
+        for job in await self.queue.renew(self.id, {job: run.token for job, run in runs.items()}, self.lease_ms):
+            if runs[job].stop(StopReason.LOST):
                 log.warning("lost the lease on %s to another worker: stopping it", job.ref)
 
     async def _recover_abandoned(self) -> None:
-        if not self._stopping.is_set():  # a leaving worker takes nothing over
-            await self.recovery.recover_abandoned()
+        async with self._recovering:
+            if not self._stopping.is_set():  # a leaving worker takes nothing over
+                await self.recovery.recover_abandoned()
 
     def _cancel(self, label: str) -> None:
         """A cancel request from the control channel."""
