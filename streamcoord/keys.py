@@ -11,7 +11,7 @@ land in one Redis Cluster slot and the append script may touch both::
     <prefix>:workers                       HASH    worker id -> JSON (host, pid, heartbeat, ...)
     <prefix>:worker:<id>:running           SET     labels of the tasks a worker runs now
     <prefix>:worker:<id>:control           STREAM  requests to one worker (cancel a task)
-    <prefix>:dead                          STREAM  tasks that used up their attempts
+    <prefix>:dead                          STREAM  tasks that used up their attempts, malformed job entries
 """
 
 from __future__ import annotations
