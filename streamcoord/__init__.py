@@ -14,6 +14,7 @@ from .errors import (
     PayloadTooLarge,
     StreamcoordError,
     TaskEnded,
+    TaskFailure,
     UnknownTask,
     WriterFenced,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "State",
     "StreamcoordError",
     "TaskEnded",
+    "TaskFailure",
     "TaskRef",
     "TaskState",
     "TaskWriter",

@@ -5,6 +5,7 @@
     ├── InvalidTaskRef (ValueError)   an app label, model name or task id that cannot name a task
     ├── InvalidEventId (ValueError)   a Last-Event-ID that is not one of ours
     ├── UnknownTask (LookupError)     no state record and no stream for that task
+    ├── TaskFailure               raised by a task: a failure its watchers may read about
     ├── EventRejected (ValueError)    an event refused before it reached Redis
     │   ├── InvalidEventType
     │   ├── PayloadNotSerializable
@@ -67,6 +68,13 @@ class TaskEnded(AppendError):
 
 class WriterFenced(AppendError):
     """Another writer owns the task's stream now (its epoch differs from this writer's)."""
+
+
+class TaskFailure(StreamcoordError):
+    """Raise it from ``process()`` to end the run with a message meant for the task's watchers:
+    its text goes into the ``error`` event as it is. Any other exception's text stays in the
+    worker's log and the row (the event says only its type), unless
+    ``Settings.expose_errors`` is on."""
 
 
 class UnknownTask(StreamcoordError, LookupError):

@@ -69,6 +69,10 @@ class Settings:
     worker_concurrency: int = 50
     #: Seconds between a worker's heartbeats in Redis.
     worker_heartbeat_seconds: float = 5.0
+    #: Send every exception's text in the ``error`` event. Off: a task's watchers read the text
+    #: of a ``TaskFailure`` only, other failures say "the task failed" and their type (the text
+    #: and the traceback stay in the worker's log, the text in the row). For trusted audiences.
+    expose_errors: bool = False
     #: Where the embedded default announces its URL to other local processes ('' = nowhere).
     embedded_url_file: str = ""
 

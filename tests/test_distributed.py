@@ -282,14 +282,14 @@ async def test_a_failing_task_ends_with_one_error_event_and_is_recorded_failed(
     assert [e.event for e in events] == ["start", "progress", "progress", "error"], triples(events)
     assert_gap_free(events, "failing task")
     error = events[-1].json()
-    assert error["error_type"] == "RuntimeError", error
+    assert error["error_type"] == "TaskFailure", error
     assert "fail_at=3" in error["message"], error
     for event in events:
         assert "Traceback" not in event.data and 'File "' not in event.data, event.data
     assert client.ended
 
     row = rows(project, "ProgressTask")[pk]
-    assert row["status"] == "failed" and "RuntimeError" in row["error"], row
+    assert row["status"] == "failed" and "TaskFailure" in row["error"], row
     state = await task_state(r, "ProgressTask", pk)
     assert state["state"] == "failed" and state["attempt"] == "1", state
     assert "Traceback" in worker.log_text()  # the traceback stays in the worker's log

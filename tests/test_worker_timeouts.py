@@ -26,8 +26,13 @@ async def ended(redis: Redis, *refs: TaskRef) -> bool:
 
 
 @pytest.mark.timeout(60)
-async def test_a_tasks_own_timeout_is_not_reported_as_its_time_limit(project: Project, redis: Redis) -> None:
-    worker = project.worker("w", concurrency=4)
+@pytest.mark.parametrize("expose", [False, True], ids=["private text", "expose_errors"])
+async def test_a_tasks_own_timeout_is_not_reported_as_its_time_limit(
+    project: Project, redis: Redis, expose: bool
+) -> None:
+    """Also: the text of a task's own exception reaches its watchers only with
+    ``STREAMCOORD_EXPOSE_ERRORS``; the row and the log keep it either way."""
+    worker = project.worker("w", concurrency=4, expose_errors="true" if expose else "false")
     [upstream] = create_tasks(project, "UpstreamTimeoutTask", 1)
     [slow] = create_tasks(project, "SlowTask", 1)
     await until(lambda: ended(redis, upstream, slow), 30, "both tasks to fail")
@@ -41,7 +46,8 @@ async def test_a_tasks_own_timeout_is_not_reported_as_its_time_limit(project: Pr
         data = json.loads(events[-1].data)
         errors[ref] = {k: v for k, v in data.items() if not k.startswith("_")}  # no _app, _timestamp
 
-    assert errors[upstream] == {"message": "upstream timed out", "error_type": "TimeoutError"}
+    public = "upstream timed out" if expose else "the task failed"
+    assert errors[upstream] == {"message": public, "error_type": "TimeoutError"}
     assert row(project, upstream) == ("failed", "TimeoutError: upstream timed out")
     assert errors[slow] == {"message": "exceeded its time limit of 1s", "error_type": "TimeoutError"}
     assert row(project, slow) == ("failed", "TimeoutError: exceeded its time limit of 1s")

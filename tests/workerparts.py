@@ -107,7 +107,7 @@ class Rows:
             await self.before_record()
         self.recorded.setdefault(ref.label, []).append(outcome)
 
-    async def _recorded_outcome(self, ref: TaskRef) -> Outcome | None:
+    async def _recorded_outcome(self, ref: TaskRef, expose: bool = False) -> Outcome | None:
         return self.ended.get(ref.label)
 
     def _max_attempts(self, ref: TaskRef) -> int:

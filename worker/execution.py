@@ -39,7 +39,7 @@ from django.core.exceptions import ObjectDoesNotExist
 from redis.exceptions import RedisError
 
 from django_app.models import StreamTask
-from streamcoord.errors import EventRejected, WriterFenced
+from streamcoord.errors import EventRejected, TaskFailure, WriterFenced
 from streamcoord.eventlog import EventLog, TaskWriter
 from streamcoord.jobs import GROUP, Job, JobQueue
 from streamcoord.taskstate import State
@@ -191,7 +191,8 @@ class Executor:
                 log.info("task %s exceeded its time limit of %ss", ref, task.time_limit)
                 return await self._fail(writer, task, exc, f"exceeded its time limit of {task.time_limit}s")
             log.exception("task %s failed", ref)
-            return await self._fail(writer, task, exc)
+            public = isinstance(exc, TaskFailure) or self.events.settings.expose_errors
+            return await self._fail(writer, task, exc, public=public)
         run.ending = True
         if task is None or run.stop_reason is not None:
             # Stopped before process() began, or process() swallowed the cancellation.
@@ -236,9 +237,15 @@ class Executor:
         log.info("task %s completed", writer.ref)
         return True
 
-    async def _fail(self, writer: TaskWriter, task: StreamTask | None, exc: BaseException, message: str = "") -> bool:
-        """End the run with one ``error`` event (no traceback: that stays in this log)."""
-        outcome = Outcome.failed(type(exc).__name__, message or str(exc) or type(exc).__name__)
+    async def _fail(
+        self, writer: TaskWriter, task: StreamTask | None, exc: BaseException, message: str = "",
+        *, public: bool = True,
+    ) -> bool:
+        """End the run with one ``error`` event (no traceback: that stays in this log). The
+        ``message`` given here is ours; an exception's own text reaches the event only when
+        ``public``."""
+        text = message or str(exc) or type(exc).__name__
+        outcome = Outcome.failed(type(exc).__name__, text, public=public or bool(message))
         return await self._end(writer, task, outcome)
 
     async def _end(self, writer: TaskWriter, task: StreamTask | None, outcome: Outcome) -> bool:

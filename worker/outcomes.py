@@ -24,6 +24,10 @@ from streamcoord.taskstate import TERMINAL_EVENTS, State
 
 #: The terminal event that records each ended status.
 _EVENT_OF: dict[str, str] = {state.value: event for event, state in TERMINAL_EVENTS.items()}
+#: What a failure's ``error`` event says when its text is not for the task's watchers.
+PRIVATE_FAILURE = "the task failed"
+#: Failures whose text is written for watchers: the task's own ``TaskFailure``, and ours.
+PUBLIC_TYPES = frozenset({"TaskFailure", "WorkerLost"})
 #: Why a task cancelled before any run of it began was cancelled (the coordinator says the same).
 CANCELLED_BEFORE_START = "cancelled before it started"
 
@@ -37,6 +41,9 @@ class Outcome:
     final_value: Any = None
     error_type: str = ""
     message: str = ""
+    #: The ``message`` may reach the task's watchers (else the event says ``PRIVATE_FAILURE``;
+    #: the row keeps the message either way).
+    public: bool = True
     #: More fields of the terminal event's payload (``attempt`` of a ``WorkerLost``).
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -45,8 +52,8 @@ class Outcome:
         return cls(Status.COMPLETED, final_value=final_value)
 
     @classmethod
-    def failed(cls, error_type: str, message: str, **details: Any) -> Outcome:
-        return cls(Status.FAILED, error_type=error_type, message=message, details=details)
+    def failed(cls, error_type: str, message: str, *, public: bool = True, **details: Any) -> Outcome:
+        return cls(Status.FAILED, error_type=error_type, message=message, public=public, details=details)
 
     @classmethod
     def cancelled(cls, message: str = "cancelled") -> Outcome:
@@ -62,7 +69,8 @@ class Outcome:
         if self.status == Status.COMPLETED:
             return {"final_value": self.final_value}
         if self.status == Status.FAILED:
-            return {"message": self.message, "error_type": self.error_type or "Error", **self.details}
+            message = self.message if self.public else PRIVATE_FAILURE
+            return {"message": message, "error_type": self.error_type or "Error", **self.details}
         return {"message": self.message}
 
     @property
@@ -82,8 +90,10 @@ class Outcome:
         return cls.cancelled("the task sent its own cancelled event")
 
     @classmethod
-    def from_row(cls, status: str, final_value: Any, error: str) -> Outcome | None:
-        """The outcome a row records; None while the row says the task has not ended."""
+    def from_row(cls, status: str, final_value: Any, error: str, expose: bool = False) -> Outcome | None:
+        """The outcome a row records; None while the row says the task has not ended. A failure's
+        text is public only for ``PUBLIC_TYPES`` (or with ``expose``): the row does not say
+        whether it came from the task's own exception."""
         if status == Status.COMPLETED:
             return cls.completed(final_value)
         if status == Status.CANCELLED:
@@ -91,8 +101,8 @@ class Outcome:
         if status == Status.FAILED:
             error_type, sep, message = error.partition(": ")
             if sep and error_type.isidentifier():
-                return cls.failed(error_type, message)
-            return cls.failed("Error", error or "failed")
+                return cls.failed(error_type, message, public=expose or error_type in PUBLIC_TYPES)
+            return cls.failed("Error", error or "failed", public=expose)
         return None
 
 
@@ -144,13 +154,13 @@ async def record_by_ref(ref: TaskRef, outcome: Outcome) -> None:
         )
 
 
-async def recorded_outcome(ref: TaskRef) -> Outcome | None:
+async def recorded_outcome(ref: TaskRef, expose: bool = False) -> Outcome | None:
     """The outcome the task's row records, if it says the task ended."""
     model = task_model(ref)
     if model is None:
         return None
     row = await model.objects.filter(pk=ref.pk).only("status", "final_value", "error").afirst()
-    return Outcome.from_row(row.status, row.final_value, row.error) if row is not None else None
+    return Outcome.from_row(row.status, row.final_value, row.error, expose) if row is not None else None
 
 
 async def end_cancelling(events: EventLog, ref: TaskRef) -> bool:

@@ -91,7 +91,7 @@ class Recovery:
     async def _replay_recorded_outcome(self, job: Job, token: str) -> bool:
         """When the row says the task already ended (Redis lost the end), write that outcome as
         the terminal event instead of running or failing the task again. True when it did."""
-        outcome = await outcomes.recorded_outcome(job.ref)
+        outcome = await outcomes.recorded_outcome(job.ref, self.events.settings.expose_errors)
         if outcome is None:
             return False
         if await self._end(job, token, outcome):

@@ -12,6 +12,7 @@ from typing import Any
 from django.db import models
 
 from django_app.models import StreamTask
+from streamcoord import TaskFailure
 
 
 class ExampleTask(StreamTask):
@@ -45,7 +46,8 @@ class ProgressTask(StreamTask):
             if self.delay:
                 await asyncio.sleep(self.delay)
             if self.fail_at is not None and step == self.fail_at:
-                raise RuntimeError(f"ProgressTask failed at step {step} as asked (fail_at={step})")
+                # TaskFailure: a failure whose text is for the task's watchers (the demo shows it).
+                raise TaskFailure(f"ProgressTask failed at step {step} as asked (fail_at={step})")
             await self.send_event("progress", {"step": step, "total_steps": self.steps, **pad})
         return {"steps": self.steps}
 
