@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,7 @@ from types import FrameType
 import uvicorn
 
 from .connection import RedisFactory
+from .errors import ConfigurationError
 from .eventlog import EventLog
 from .gateway import ExtraRoutes, Gateway
 from .hub import Hub
@@ -41,8 +43,7 @@ class _IncompleteResponseFilter(logging.Filter):
 def bind(host: str | None, port: int | None, socket_path: str | None) -> socket.socket:
     """A listening socket: a unix socket at ``socket_path``, else TCP ``host:port``."""
     if socket_path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
+        remove_stale_socket(socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)  # never world-writable, not even for a moment
         try:
@@ -58,6 +59,38 @@ def bind(host: str | None, port: int | None, socket_path: str | None) -> socket.
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def remove_stale_socket(path: str) -> None:
+    """Clear ``path`` for a new unix socket: remove a socket nobody listens on any more (left by
+    a server that died), and refuse anything else, so a mistyped ``--socket`` never deletes a
+    file, and a second server never steals a live one's socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        kind = "directory" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
+        raise ConfigurationError(
+            f"--socket {path}: a {kind} is there, not a unix socket; refusing to replace it "
+            "(choose another path, or remove it yourself)"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: its server is gone
+        return
+    except OSError:
+        pass  # cannot tell (no permission, a full backlog): leave it alone
+    finally:
+        probe.close()
+    raise ConfigurationError(
+        f"--socket {path}: another server is listening there (or it cannot be checked); "
+        "refusing to replace it (stop that server, or choose another path)"
+    )
 
 
 def describe(sock: socket.socket) -> str:
