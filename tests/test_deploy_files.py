@@ -661,6 +661,13 @@ def test_kubernetes_objects_refer_to_each_other() -> None:
                 for container in pod_spec(workloads[target["name"]])["containers"]:
                     if "cpu" not in container.get("resources", {}).get("requests", {}):
                         problems.append(f"k8s/{path.name} HPA/{name}: container {container['name']} requests no CPU")
+        if kind == "NetworkPolicy":
+            for rule in doc["spec"].get("ingress", []):
+                for peer in rule.get("from", []):
+                    labels = peer.get("podSelector", {}).get("matchLabels", {})
+                    admitted = [n for n, w in workloads.items() if labels.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+                    if {"gateway", "worker"} - {n.split("-")[-1] for n in admitted}:
+                        problems.append(f"k8s/{path.name} NetworkPolicy/{name}: does not admit both gateways and workers ({admitted})")
         if kind == "PodDisruptionBudget":
             selector = doc["spec"]["selector"]["matchLabels"]
             if not any(selector.items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads.values()):
