@@ -11,7 +11,9 @@ sends it as it is: one encoding per event, none per client.
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -26,6 +28,10 @@ _TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_EVENTS)
 #: One encoder for every payload: json.dumps with options builds a new one per call.
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+#: Skipped entries remembered (stream, kind) before the memory starts over.
+_SKIPS_REMEMBERED = 10_000
+
+log = logging.getLogger(__name__)
 
 
 def check_event_type(ref: TaskRef, event_type: str) -> None:
@@ -81,18 +87,98 @@ class Frame(NamedTuple):
     data: bytes
 
 
+class MalformedEntry(ValueError):
+    """A stream entry no frame can be made of: written by hand, not by ``append.lua``.
+    Readers skip it (internal: never reaches a client or a caller of the public API)."""
+
+    def __init__(self, entry_id: bytes, kind: str) -> None:
+        super().__init__(f"entry {entry_id!r}: {kind}")
+        self.entry_id = entry_id
+        #: What is wrong, in a few words that do not depend on the entry (one log line each).
+        self.kind = kind
+
+
+class Skipped(NamedTuple):
+    """A malformed entry a reader skipped."""
+
+    entry_id: bytes
+    kind: str
+
+
 def entry_frame(entry_id: bytes, fields: dict[bytes, bytes]) -> Frame:
     """An XRANGE/XREAD entry straight to its frame: what gateways do for every event they
-    read, so with nothing decoded in between."""
-    seq, epoch, event_type = int(entry_id.partition(b"-")[0]), fields[b"epoch"], fields[b"type"]
-    frame = _sse_frame(seq, epoch, event_type, fields[b"data"])
+    read, so with nothing decoded in between. Raises :class:`MalformedEntry` for an entry
+    ``append.lua`` would not write (a missing field, an id other than ``<seq>-0``, an empty or
+    non-alphanumeric epoch, an empty type or one with line breaks)."""
+    try:
+        head, _, tail = entry_id.partition(b"-")
+        epoch, event_type, data = fields[b"epoch"], fields[b"type"], fields[b"data"]
+        seq = int(head)
+    except Exception:  # any shape at all: say what is wrong, off the hot path
+        raise MalformedEntry(entry_id, _fault(fields)) from None
+    if not epoch.isalnum():  # bytes: ASCII letters and digits, at least one
+        raise MalformedEntry(entry_id, "epoch is empty or not letters and digits")
+    frame = _sse_frame(seq, epoch, event_type, data)
+    if frame is None:
+        raise MalformedEntry(entry_id, "type is empty or holds a line break or NUL")
+    if seq < 1 or tail != b"0":
+        raise MalformedEntry(entry_id, "id is not <sequence>-0")
     return Frame(seq, epoch, event_type in _TERMINAL_TYPES, frame)
 
 
-def _sse_frame(seq: int, epoch: bytes, event_type: bytes, data: bytes) -> bytes:
+def entry_frames(entries: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[Frame], list[Skipped]]:
+    """The frames of ``entries`` (oldest first), and the malformed entries skipped."""
+    try:  # the usual case, at the speed of a comprehension
+        return [entry_frame(entry_id, fields) for entry_id, fields in entries], []
+    except MalformedEntry:
+        pass
+    frames: list[Frame] = []
+    skipped: list[Skipped] = []
+    for entry_id, fields in entries:
+        try:
+            frames.append(entry_frame(entry_id, fields))
+        except MalformedEntry as exc:
+            skipped.append(Skipped(exc.entry_id, exc.kind))
+    return frames, skipped
+
+
+class SkipLog:
+    """Logs malformed entries that readers skipped: each kind once per stream, so a stream
+    full of them (or many clients reading it) does not flood the log. One per process."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+
+    def report(self, key: str | bytes, skipped: Iterable[Skipped]) -> None:
+        name = key.decode(errors="replace") if isinstance(key, bytes) else key
+        for entry in skipped:
+            if (name, entry.kind) in self._seen:
+                continue
+            if len(self._seen) >= _SKIPS_REMEMBERED:
+                self._seen.clear()
+            self._seen.add((name, entry.kind))
+            log.warning(
+                "skipped malformed entry %s of stream %s: %s (not written by streamcoord;"
+                " further entries of this kind in this stream are skipped without a log line)",
+                entry.entry_id.decode(errors="replace"), name, entry.kind,
+            )
+
+
+def _fault(fields: object) -> str:
+    if not isinstance(fields, dict):
+        return "fields are not a hash"
+    for name in (b"epoch", b"type", b"data"):
+        if not isinstance(fields.get(name), bytes):
+            return f"no {name.decode()} field"
+    return "id is not <sequence>-0"
+
+
+def _sse_frame(seq: int, epoch: bytes, event_type: bytes, data: bytes) -> bytes | None:
+    """The frame's bytes, or None for a type SSE cannot carry (a hand-written entry)."""
     head = event_type + epoch
-    if b"\n" in data or b"\r" in data or b"\n" in head or b"\r" in head or b"\0" in head:
-        # Split into data lines, or refused (a hand-written entry with a broken epoch or type).
-        return sse.encode_event(data, event=event_type, id=epoch + b"-%d" % seq)
+    if not event_type or b"\n" in head or b"\r" in head or b"\0" in head:
+        return None
+    if b"\n" in data or b"\r" in data:
+        return sse.encode_event(data, event=event_type, id=epoch + b"-%d" % seq)  # data lines
     # The usual case (compact JSON, a checked type): one formatting step.
     return b"id: %s-%d\nevent: %s\ndata: %s\n\n" % (epoch, seq, event_type, data)

@@ -6,14 +6,16 @@ from Redis a page at a time, up to the tail, then the tail is sent from memory. 
 read with an explicit range, and feeds of one stream asking for the same range at the same
 moment share one read (a reconnect storm reads each page once). A page may start later than
 asked when that range was trimmed away meanwhile: what the client is told then is the reset
-policy's (:mod:`streamcoord.resets`).
+policy's (:mod:`streamcoord.resets`). A malformed entry (written by hand) is left out of its
+page, and reported to the hub's log.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
-from .codec import Frame
+from .codec import Frame, entry_frames
 from .eventlog import EventLog
 from .hub import Hub
 from .keys import TaskRef
@@ -38,8 +40,15 @@ class History:
     async def page(self, after: int, before: int | None = None) -> list[Frame]:
         """Up to :data:`HISTORY_PAGE` frames after ``after`` (and before ``before``), from Redis.
         Shared with other feeds: never change it in place."""
-        read = functools.partial(self._log.read_frames, self._ref, after, before, count=HISTORY_PAGE)
+        read = functools.partial(self._read_page, after, before)
         frames, _ = await self._hub.page_reads.run((self.key, after, before), read)
+        return frames
+
+    async def _read_page(self, after: int, before: int | None) -> list[Frame]:
+        high = f"({before}-0" if before is not None else "+"
+        entries: Any = await self._log.redis.xrange(self.key, f"({after}-0", high, count=HISTORY_PAGE)
+        frames, skipped = entry_frames(entries)
+        self._hub.skips.report(self.key, skipped)
         return frames
 
     async def first_page(self, after: int) -> list[Frame]:

@@ -13,6 +13,11 @@ which the XREAD always includes, so the read returns and the next one covers the
 In a Redis Cluster one XREAD can neither span hash slots nor block on several, so there the
 hub polls instead: one pipeline per round with one non-blocking XREAD per slot's streams,
 which redis-py sends node by node (one connection per node, however many clients).
+
+The reader survives what Redis returns: an entry no frame can be made of (written by hand) is
+skipped and logged once per stream and kind (:class:`streamcoord.codec.SkipLog`), and a reader
+that fails anyway is logged with its traceback and started again, with a backoff. While it is
+down, :attr:`Hub.reading` is False, and the gateway's ``/ready`` answers 503.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from .backoff import Backoff
-from .codec import Frame, entry_frame
+from .codec import Frame, SkipLog, entry_frames
 from .flight import SingleFlight
 from .ids import EventId
 from .keys import KeySpace
@@ -68,10 +73,13 @@ class Position(NamedTuple):
 
 
 class _Stream:
-    __slots__ = ("cursor", "epoch", "listeners", "window")
+    __slots__ = ("cursor", "epoch", "listeners", "read_after", "window")
 
     def __init__(self, cursor: int, window: Window) -> None:
         self.cursor = cursor
+        #: The id of the last entry read when it is not the cursor's (a malformed entry was
+        #: skipped after it): the next XREAD goes on after it, not after the cursor.
+        self.read_after = b""
         self.epoch = b""  # of the last entry read; b"" until one was
         self.listeners: set[Listener] = set()
         #: The latest frames read, ending at ``cursor`` (or empty).
@@ -82,6 +90,10 @@ class _Stream:
         read: the stream was created anew (another epoch) or cut back (fewer events)."""
         renewed = self.epoch and epoch is not None and epoch != self.epoch
         return bool(renewed) or last_seq < self.cursor
+
+    def next_read(self) -> str | bytes:
+        """The id the next XREAD of this stream reads after."""
+        return self.read_after or f"{self.cursor}-0"
 
 
 class WakeStream:
@@ -147,6 +159,9 @@ class Hub:
         self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = SingleFlight()
         self.position_reads: SingleFlight[str, Position] = SingleFlight()
         self._revalidate_now = False  # a feed saw Redis disagree with a window
+        #: Malformed entries skipped by this process's reads (the hub's, and history reads).
+        self.skips = SkipLog()
+        self._reading = False
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -239,14 +254,19 @@ class Hub:
     def stream_count(self) -> int:
         return len(self._streams)
 
+    @property
+    def reading(self) -> bool:
+        """The reader is running (started, and not down between a failure and its restart)."""
+        return self._reading
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         if not self._clustered:
             self._wake_stream.last = await self._wake_stream.append()
-        reader = self._poll_forever() if self._clustered else self._read_forever()
+        self._reading = True
         self._tasks = [
-            asyncio.create_task(reader, name="streamcoord-hub-reader"),
+            asyncio.create_task(self._keep_reading(), name="streamcoord-hub-reader"),
             asyncio.create_task(self._heartbeat_forever(), name="streamcoord-hub-heartbeat"),
         ]
 
@@ -255,6 +275,7 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._reading = False
         self.close_all("shutdown")
         await self._wake_stream.delete()
 
@@ -266,6 +287,24 @@ class Hub:
             self._changed.set()
         elif self._tasks:  # started: a read is (or will be) in flight
             self._wake_stream.wake()
+
+    async def _keep_reading(self) -> None:
+        """Run the reader; if it fails (a bug, a reply of a shape no one expected), log why
+        and run it again after a backoff. Positions are kept, so nothing is lost meanwhile."""
+        backoff = Backoff(first=0.1, cap=5.0)
+        while True:
+            reads = self.stats["reads"]
+            self._reading = True
+            try:
+                await (self._poll_forever() if self._clustered else self._read_forever())
+            except Exception:  # anything: a reader that stays dead freezes every stream here
+                self._reading = False
+                if self.stats["reads"] > reads:
+                    backoff.reset()  # it read since its last start: not a failure in a row
+                delay = backoff.delay()
+                log.exception("hub reader failed; restarting it in %.2fs", delay)
+                self.stats["reader_restarts"] += 1
+                await asyncio.sleep(delay)
 
     async def _read_forever(self) -> None:
         backoff = Backoff(first=0.05, cap=2.0)
@@ -279,9 +318,9 @@ class Hub:
                 except (RedisError, OSError):
                     pass  # the read below fails too and backs off
             self._wake_stream.pending = False
-            wanted: dict[str | bytes, str] = {self._wake_stream.key: self._wake_stream.last}
+            wanted: dict[str | bytes, str | bytes] = {self._wake_stream.key: self._wake_stream.last}
             for key, stream in self._streams.items():
-                wanted[key] = f"{stream.cursor}-0"
+                wanted[key] = stream.next_read()
             try:
                 reply: Any = await self._reader.xread(
                     wanted, count=READ_COUNT, block=self._settings.block_ms  # type: ignore[arg-type]
@@ -305,9 +344,9 @@ class Hub:
         backoff = Backoff(first=0.05, cap=2.0)
         revalidate_at = time.monotonic() + REVALIDATE_SECONDS
         while True:
-            by_slot: dict[int, dict[str | bytes, str]] = {}
+            by_slot: dict[int, dict[str | bytes, str | bytes]] = {}
             for key, stream in self._streams.items():
-                by_slot.setdefault(key_slot(key), {})[key] = f"{stream.cursor}-0"
+                by_slot.setdefault(key_slot(key), {})[key] = stream.next_read()
             if not by_slot:
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
@@ -348,8 +387,16 @@ class Hub:
         stream = self._streams.get(key)
         if stream is None:  # the last listener left while the read was in flight
             return
-        frames = [entry_frame(entry_id, fields) for entry_id, fields in entries]
+        frames, skipped = entry_frames(entries)
+        if skipped:
+            self.skips.report(key, skipped)
+            self.stats["skipped_entries"] += len(skipped)
+        last_id = entries[-1][0]
+        if not frames:
+            stream.read_after = last_id
+            return
         stream.cursor, stream.epoch = frames[-1].seq, frames[-1].epoch
+        stream.read_after = b"" if last_id == b"%d-0" % stream.cursor else last_id
         stream.window.extend(frames)
         batch = make_batch(frames)
         for listener in stream.listeners:
@@ -369,9 +416,11 @@ class Hub:
             pipe.hmget(KeySpace.state_of(key), POSITION_FIELDS)
         replies = await pipe.execute()
         for (key, stream), (epoch, last_seq) in zip(followed, replies, strict=True):
+            if not (last_seq or b"0").isdigit():
+                continue  # a state record written by hand: it cannot tell
             if stream.lost_events(epoch, int(last_seq or 0)):
                 log.info("stream %s lost events in Redis; reading it from its start", key.decode())
-                stream.cursor, stream.epoch = 0, b""
+                stream.cursor, stream.epoch, stream.read_after = 0, b"", b""
                 stream.window.clear()
                 self.stats["rewinds"] += 1
                 for listener in stream.listeners:

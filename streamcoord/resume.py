@@ -20,7 +20,7 @@ import functools
 from typing import Any, NamedTuple
 
 from . import sse
-from .codec import Frame, entry_frame
+from .codec import Frame, Skipped, entry_frames
 from .errors import UnknownTask
 from .eventlog import EventLog
 from .history import History
@@ -37,6 +37,8 @@ class Snapshot(NamedTuple):
 
     state: TaskState | None
     tail: list[Frame]  # oldest first
+    #: Malformed entries of the tail, left out (the caller reports them to the hub's log).
+    skipped: tuple[Skipped, ...] = ()
 
 
 async def read_snapshot(log: EventLog, ref: TaskRef) -> Snapshot:
@@ -44,8 +46,8 @@ async def read_snapshot(log: EventLog, ref: TaskRef) -> Snapshot:
     pipe.hgetall(log.keys.state(ref))
     pipe.xrevrange(log.keys.events(ref), "+", "-", count=max(log.settings.window_events, 1))
     raw_state, entries = await pipe.execute()  # bytes: clients never decode replies
-    tail = [entry_frame(entry_id, fields) for entry_id, fields in reversed(entries)]
-    return Snapshot(TaskState.from_hash(raw_state), tail)
+    tail, skipped = entry_frames(entries[::-1])
+    return Snapshot(TaskState.from_hash(raw_state), tail, tuple(skipped))
 
 
 async def read_position(log: EventLog, ref: TaskRef, hub: Hub) -> Position:
@@ -54,7 +56,8 @@ async def read_position(log: EventLog, ref: TaskRef, hub: Hub) -> Position:
     before = hub.window_last(log.keys.events(ref))
     reply: Any = await log.redis.hmget(log.keys.state(ref), POSITION_FIELDS)
     epoch, last_seq = reply  # bytes: clients never decode replies
-    return Position(epoch or b"", int(last_seq or 0), before)
+    # A record written by hand (a junk last_seq) confirms nothing: the feed reads Redis.
+    return Position(epoch or b"", int(last_seq) if (last_seq or b"").isdigit() else 0, before)
 
 
 @dataclasses.dataclass(slots=True)
@@ -98,6 +101,7 @@ async def find_start(
             return _from_window(History(log, hub, ref, []), last_id, *attached)
     snapshot, shared = await hub.history_reads.run(key, functools.partial(read_snapshot, log, ref))
     hub.stats["history_shared" if shared else "history_reads"] += 1
+    hub.skips.report(key, snapshot.skipped)  # each kind logged once, however many shared it
     if shared:
         with contextlib.suppress(UnknownTask):
             start = await place(History(log, hub, ref, snapshot.tail), ref, snapshot.state, last_id, latest)
@@ -107,6 +111,7 @@ async def find_start(
         # our own may give it.
         hub.stats["history_reads"] += 1
         snapshot = await read_snapshot(log, ref)
+        hub.skips.report(key, snapshot.skipped)
     return await place(History(log, hub, ref, snapshot.tail), ref, snapshot.state, last_id, latest)
 
 
