@@ -59,23 +59,33 @@ class DataEncoder:
             raise PayloadNotSerializable(
                 self.ref.label, event_type, f"payload must be a dict, not {type(payload).__name__}"
             )
-        try:
-            body = _JSON.encode(payload)
-            encoded = body.encode()  # strict: a lone surrogate is not valid UTF-8 for any client
-        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-            raise PayloadNotSerializable(self.ref.label, event_type, str(exc)) from None
-        if len(encoded) > self.max_payload_bytes:
-            raise PayloadTooLarge(
-                self.ref.label,
-                event_type,
-                f"payload is {len(encoded)} bytes of JSON, the limit is {self.max_payload_bytes}"
-                " (STREAMCOORD_MAX_PAYLOAD_BYTES)",
-            )
+        encoded = self._json(event_type, payload, "payload")
         stamp = (now or datetime.now(UTC)).isoformat()
         # Splice instead of copying the dict and encoding twice. The metadata comes last, so it
         # wins over any same-named key of the payload in every JSON parser.
         sep = b"," if len(encoded) > 2 else b""
         return encoded[:-1] + sep + f'{self._meta},"_timestamp":"{stamp}"}}'.encode()
+
+    def encode_final_value(self, event_type: str, value: Any) -> str:
+        """A run's final value (any JSON value, stored with its terminal event ``event_type``)
+        as JSON text, held to the payloads' rules; raises :class:`EventRejected` subclasses."""
+        return self._json(event_type, value, "final value").decode()
+
+    def _json(self, event_type: str, value: Any, what: str) -> bytes:
+        """``value`` as compact UTF-8 JSON: no NaN or Infinity, strict UTF-8, at most
+        ``max_payload_bytes``."""
+        try:
+            encoded = _JSON.encode(value).encode()  # strict: a lone surrogate is no UTF-8
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+            raise PayloadNotSerializable(self.ref.label, event_type, f"{what}: {exc}") from None
+        if len(encoded) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                self.ref.label,
+                event_type,
+                f"{what} is {len(encoded)} bytes of JSON, the limit is {self.max_payload_bytes}"
+                " (STREAMCOORD_MAX_PAYLOAD_BYTES)",
+            )
+        return encoded
 
 
 class Frame(NamedTuple):

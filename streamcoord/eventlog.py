@@ -8,7 +8,6 @@ appends each with the atomic script in ``append.lua``. Reading is plain XRANGE o
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from datetime import UTC, datetime
@@ -62,8 +61,10 @@ class EventLog:
 
     async def set_final_value(self, ref: TaskRef, value: Any) -> None:
         """Record a run's final value in its state record (for the completed-task JSON answer),
-        when the task sent its terminal event itself."""
-        await self.redis.hset(self.keys.state(ref), Field.FINAL_VALUE, json.dumps(value))
+        when the task sent its terminal event itself. Held to the payloads' rules: raises
+        :class:`EventRejected` subclasses before anything reaches Redis."""
+        final = DataEncoder(ref, self.settings.max_payload_bytes).encode_final_value("complete", value)
+        await self.redis.hset(self.keys.state(ref), Field.FINAL_VALUE, final)
 
     async def read_frames(
         self, ref: TaskRef, after: int = 0, before: int | None = None, count: int | None = None
@@ -132,7 +133,9 @@ class TaskWriter:
         ``cancelled``) ends the run; ``final_value`` is stored with it."""
         data = self.encoder.encode(event_type, payload)
         terminal = TERMINAL_EVENTS.get(event_type, "")
-        final = json.dumps(final_value) if terminal and final_value is not None else ""
+        final = ""
+        if terminal and final_value is not None:
+            final = self.encoder.encode_final_value(event_type, final_value)
         for _ in range(self.MAX_RENUMBERS):
             request = await self._number(event_type, data, terminal, final)
             try:

@@ -223,3 +223,29 @@ def test_frame_matches_the_sse_encoder(fields: dict[bytes, bytes]) -> None:
 def test_frame_refuses_a_junk_epoch_written_by_hand(epoch: bytes) -> None:
     with pytest.raises(ValueError):
         entry_frame(b"1-0", {b"epoch": epoch, b"type": b"progress", b"data": b"{}"})
+
+
+# -- final values: the payloads' rules --------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [7, "done", [1, 2], {"total": 3}, True, 1.5, "é"])
+def test_final_value_encodes_compact_json(value: Any) -> None:
+    text = encoder().encode_final_value("complete", value)
+    assert json.loads(text) == value
+    assert text == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    "value", [math.nan, math.inf, -math.inf, {"x": [math.nan]}, "\ud800", {"a": object()}, {1j}]
+)
+def test_final_value_refuses_what_payloads_refuse(value: Any) -> None:
+    with pytest.raises(PayloadNotSerializable, match="final value"):
+        encoder().encode_final_value("complete", value)
+
+
+def test_final_value_is_held_to_the_payload_size_limit() -> None:
+    assert encoder(limit=12).encode_final_value("complete", "x" * 10) == '"' + "x" * 10 + '"'
+    with pytest.raises(PayloadTooLarge, match="final value is 13 bytes"):
+        encoder(limit=12).encode_final_value("complete", "x" * 11)
+    with pytest.raises(PayloadTooLarge):
+        encoder(limit=12).encode_final_value("complete", "é" * 6)  # 14 bytes in 7 characters
