@@ -2,11 +2,16 @@
 
 Served by ``runserver_stream`` only when it runs the embedded default (one process with its own
 worker and database access); a stateless gateway serves no pages.
+
+``POST /demo/start`` creates a row and starts a task, so it serves only the demo's own page on
+this machine: a request must name a loopback host (a DNS-rebound name is refused), and one a
+browser sends from another site (its ``Origin`` or ``Sec-Fetch-Site`` says so) is refused.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
 import json
 from typing import Any
 
@@ -27,6 +32,31 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
 MODELS = {"progress": "ProgressTask", "failing": "ProgressTask", "example": "ExampleTask"}
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header (``name[:port]``, ``[v6]:port``) names this machine."""
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def foreign_request(request: HttpRequest) -> str | None:
+    """Why a state-changing request did not come from this demo's own page, or None."""
+    host = request.headers.get("host", "")
+    if not is_loopback_host(host):
+        return "the demo answers only requests to a loopback host (localhost, 127.0.0.1, [::1])"
+    origin = request.headers.get("origin")
+    if origin is not None and origin.lower() != f"{request.scheme}://{host}".lower():
+        return "cross-origin requests may not start demo tasks"
+    if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+        return "cross-site requests may not start demo tasks"
+    return None
+
+
 def _json(body: Any, status: int = 200) -> Response:
     return status, {"content-type": "application/json", "cache-control": "no-store"}, json.dumps(body)
 
@@ -39,6 +69,9 @@ async def demo_routes(request: HttpRequest) -> Response | None:
     if request.path == "/demo/start":
         if request.method != "POST":
             return text(405, "use POST")
+        refused = foreign_request(request)
+        if refused is not None:
+            return text(403, refused)
         kind = request.querydict.get("kind", "")
         if kind not in KINDS:
             return text(400, f"kind must be one of {', '.join(KINDS)}")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -166,3 +169,71 @@ async def test_a_task_that_sent_its_own_complete_and_returns_nan_keeps_no_nan(
     assert [e.type.decode() for e in await stream(redis, JOB)] == ["complete"]
     assert [status for status, _ in rows.outcomes_of(JOB)] == ["completed"]
     assert "final_value" not in await state(redis, JOB)
+
+
+# -- e. the demo starts tasks only for its own page -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded default as ``./run demo --port 0`` starts it."""
+    project = Project(tmp_path_factory.mktemp("demo"))
+    project.manage("migrate", "--noinput", "-v", "0")
+    server = project.start("demo", "runserver_stream", "--host", "127.0.0.1", "--port", "0", ready="listening on")
+    try:
+        found = re.findall(r"listening on (http://127\.0\.0\.1:\d+)", server.log_text())
+        assert found, server.log_text()
+        yield found[0]
+    finally:
+        server.stop()
+
+
+def _start(demo_url: str, **headers: str) -> httpx.Response:
+    return httpx.post(f"{demo_url}/demo/start?kind=example", headers=headers, timeout=10)
+
+
+def test_demo_start_refuses_a_foreign_origin(demo_url: str) -> None:
+    for origin in ("http://evil.example", "null", demo_url.replace("http:", "https:"), demo_url + "1"):
+        answer = _start(demo_url, origin=origin)
+        assert answer.status_code == 403, origin
+        assert answer.headers["content-type"].startswith("text/plain") and "cross-origin" in answer.text
+
+
+def test_demo_start_refuses_a_cross_site_fetch(demo_url: str) -> None:
+    answer = _start(demo_url, **{"sec-fetch-site": "cross-site"})
+    assert answer.status_code == 403 and "cross-site" in answer.text
+
+
+def test_demo_start_refuses_a_host_that_is_not_loopback(demo_url: str) -> None:
+    port = demo_url.rpartition(":")[2]
+    for host in (f"evil.example:{port}", f"10.0.0.1:{port}", "localhost.evil.example"):
+        # A DNS-rebound page is same-origin with itself: only its Host gives it away.
+        answer = _start(demo_url, host=host, origin=f"http://{host}")
+        assert answer.status_code == 403, host
+        assert "loopback" in answer.text
+
+
+def test_demo_start_serves_its_own_page_and_local_tools(demo_url: str) -> None:
+    port = demo_url.rpartition(":")[2]
+    cases = [
+        {},  # curl: no Origin
+        {"origin": demo_url, "sec-fetch-site": "same-origin"},  # the demo page's fetch
+        {"host": f"localhost:{port}", "origin": f"http://localhost:{port}"},
+        {"host": f"[::1]:{port}", "origin": f"http://[::1]:{port}"},
+    ]
+    for headers in cases:
+        answer = _start(demo_url, **headers)
+        assert answer.status_code == 200, (headers, answer.text)
+        assert answer.json()["model"] == "ExampleTask"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1:8000", True), ("127.8.9.1", True), ("localhost", True), ("LOCALHOST:1", True),
+     ("app.localhost:80", True), ("[::1]:8000", True), ("", False), ("evil.example", False),
+     ("127.0.0.1.evil.example", False), ("[::2]:80", False), ("0.0.0.0:80", False)],
+)
+def test_is_loopback_host(host: str, loopback: bool) -> None:
+    from django_app.demo import is_loopback_host  # after .workerparts set Django up
+
+    assert is_loopback_host(host) is loopback
