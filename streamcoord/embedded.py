@@ -1,15 +1,21 @@
 """The embedded default: a Redis stand-in (fakeredis) inside this process, for trying things out.
 
-It listens on a loopback port the kernel picks, so everything talks to it through a Redis URL
-like to a real Redis, and other processes on this machine can use it too: the server writes its
-URL to a file (``Settings.embedded_url_file``) that they read. It keeps nothing on disk, and is
-no substitute for Redis in production.
+It listens on a unix socket in a private temporary directory (mode 0700: only this user can
+reach it; a loopback TCP port would let any local user read and write every task), so
+everything talks to it through a Redis URL like to a real Redis, and this user's other processes
+can use it too: the server writes its URL to a file (``Settings.embedded_url_file``, mode 0600)
+that they read. It keeps nothing on disk, and is no substitute for Redis in production.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import shutil
+import socket
+import socketserver
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,24 +26,21 @@ from .errors import ConfigurationError
 
 
 class EmbeddedRedis:
-    """A fakeredis server on 127.0.0.1:<free port>, served by a daemon thread."""
+    """A fakeredis server on a unix socket in a private directory, served by a daemon thread."""
 
     def __init__(self, url_file: str = "") -> None:
+        self._directory = tempfile.mkdtemp(prefix="streamcoord-embedded-")  # mode 0700
         try:
-            from fakeredis import TcpFakeServer  # optional: only the embedded default needs it
-        except ImportError:
-            raise ConfigurationError(
-                "STREAMCOORD_REDIS_URL is not set and the embedded default needs fakeredis: "
-                "pip install 'streamcoord[embedded]', or point STREAMCOORD_REDIS_URL at a Redis"
-            ) from None
-        self._server: Any = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-        address: Any = self._server.server_address
-        self.url = f"redis://{address[0]}:{address[1]}/0"
+            self._server = _unix_fake_server(os.path.join(self._directory, "redis.sock"))
+        except BaseException:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            raise
+        self.url = f"unix://{self._server.server_address}?db=0"
         self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-redis", daemon=True)
         self._thread.start()
         self.url_file = Path(url_file) if url_file else None
         if self.url_file is not None:
-            self.url_file.write_text(f"{self.url}\n{os.getpid()}\n")
+            _write_private(self.url_file, f"{self.url}\n{os.getpid()}\n")
 
     def close(self) -> None:
         if self.url_file is not None:
@@ -46,6 +49,57 @@ class EmbeddedRedis:
                     self.url_file.unlink()
         self._server.shutdown()
         self._server.server_close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _unix_fake_server(path: str) -> Any:
+    """fakeredis's RESP server (``TcpFakeServer``'s request handler and state) on a unix socket."""
+    try:  # optional: only the embedded default needs it
+        from fakeredis import FakeServer
+        from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+    except ImportError:
+        raise ConfigurationError(
+            "STREAMCOORD_REDIS_URL is not set and the embedded default needs fakeredis: "
+            "pip install 'streamcoord[embedded]', or point STREAMCOORD_REDIS_URL at a Redis"
+        ) from None
+
+    class UnixFakeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+        def __init__(self) -> None:
+            # What TCPFakeRequestHandler expects of TcpFakeServer.
+            self._shutdown_event = threading.Event()
+            self.fake_server = FakeServer(server_type="redis", version=(8, 0))
+            self.client_ids = itertools.count(0)
+            self.clients: dict[Any, Any] = {}
+            self._numbers = itertools.count(1)
+            super().__init__(path, TCPFakeRequestHandler)
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            # The handler keys its connections by client address, and every unix-socket peer
+            # has the same one (''): number them instead.
+            connection, _ = self.socket.accept()
+            return connection, ("unix", next(self._numbers))
+
+        def shutdown(self) -> None:
+            self._shutdown_event.set()
+            super().shutdown()
+
+    return UnixFakeServer()
+
+
+def _write_private(path: Path, content: str) -> None:
+    """Write ``path`` as a new file of mode 0600 (created so, never widened for a moment), in
+    one step for readers: a file of that name written before is replaced, whatever its mode."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(content)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def discover(url_file: str) -> str | None:

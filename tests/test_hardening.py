@@ -10,6 +10,7 @@ import asyncio
 import math
 import re
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,9 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis as redis_sync
 from redis.asyncio import Redis
 
 from streamcoord import EventLog, TaskRef
+from streamcoord.embedded import EmbeddedRedis, discover
 from streamcoord.errors import ConfigurationError, PayloadNotSerializable, PayloadTooLarge
 from streamcoord.jobs import JobQueue
 from streamcoord.server import bind
@@ -237,3 +240,43 @@ def test_is_loopback_host(host: str, loopback: bool) -> None:
     from django_app.demo import is_loopback_host  # after .workerparts set Django up
 
     assert is_loopback_host(host) is loopback
+
+
+# -- f. the embedded stand-in is private to this user -----------------------------------------
+
+
+def test_embedded_redis_listens_on_a_private_unix_socket(tmp_path: Path) -> None:
+    url_file = tmp_path / "embedded.url"
+    url_file.write_text("redis://127.0.0.1:1/0\n1\n")  # left by an earlier run
+    url_file.chmod(0o644)
+    embedded = EmbeddedRedis(str(url_file))
+    try:
+        assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
+        assert url_file.read_text().split()[0] == embedded.url
+        assert embedded.url.startswith("unix://")
+        sock_path = Path(embedded.url.removeprefix("unix://").partition("?")[0])
+        assert stat.S_ISSOCK(sock_path.stat().st_mode)
+        assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o700
+        assert discover(str(url_file)) == embedded.url
+        first, second = (redis_sync.Redis.from_url(embedded.url) for _ in range(2))
+        try:
+            first.set("k", "v")
+            assert second.get("k") == b"v"  # one server, two connections of their own
+            first.xadd("s", {"a": "1"})
+            assert [fields for _, fields in second.xrange("s")] == [{b"a": b"1"}]
+        finally:
+            first.close()
+            second.close()
+    finally:
+        embedded.close()
+    assert not url_file.exists() and not sock_path.parent.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left behind
+
+
+def test_embedded_url_file_is_created_private(tmp_path: Path) -> None:
+    url_file = tmp_path / "embedded.url"
+    embedded = EmbeddedRedis(str(url_file))
+    try:
+        assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
+    finally:
+        embedded.close()
