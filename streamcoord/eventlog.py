@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Backoff
-from .codec import DataEncoder, Frame, entry_frame
+from .codec import DataEncoder
 from .connection import is_cluster_url
 from .errors import AppendError, TaskEnded, WriterFenced
 from .ids import EventId, new_epoch
@@ -65,15 +65,6 @@ class EventLog:
         :class:`EventRejected` subclasses before anything reaches Redis."""
         final = DataEncoder(ref, self.settings.max_payload_bytes).encode_final_value("complete", value)
         await self.redis.hset(self.keys.state(ref), Field.FINAL_VALUE, final)
-
-    async def read_frames(
-        self, ref: TaskRef, after: int = 0, before: int | None = None, count: int | None = None
-    ) -> list[Frame]:
-        """The frames of the events with a sequence above ``after`` (and below ``before``),
-        oldest first, at most ``count``."""
-        high = f"({before}-0" if before is not None else "+"
-        entries: Any = await self.redis.xrange(self.keys.events(ref), f"({after}-0", high, count=count)
-        return [entry_frame(entry_id, fields) for entry_id, fields in entries]
 
 
 class TaskWriter:

@@ -6,10 +6,12 @@ Routes::
                                           pending task (lazy start)
     GET /stream/{app_label}/{Model}/{id}  the same, naming the app
     GET /health                           200 "OK" while the process serves
-    GET /ready                            200 "READY" when Redis answers, else 503
+    GET /ready                            200 "READY" when Redis answers and the reader runs, else 503
     GET /stats                            this process's listeners, streams and counters (JSON)
 
-Errors are plain text with a 4xx or 503 status; no response ever carries an exception's text.
+Errors are plain text with a 4xx or 503 status; no response ever carries an exception's text,
+and none echoes more than a short excerpt of what the client sent. A method a route does not
+serve gets 405 with ``Allow``.
 """
 
 from __future__ import annotations
@@ -49,12 +51,39 @@ SSE_HEADERS = {
     "cache-control": "no-store",
     "x-accel-buffering": "no",  # nginx: pass each frame on at once
 }
+#: The headers of the JSON answer for an ended task (a URL that also serves SSE: caches must
+#: key on Accept).
+SUMMARY_HEADERS = {
+    "content-type": "application/json",
+    "cache-control": "no-store",
+    "vary": "Accept",
+    "x-content-type-options": "nosniff",
+}
 #: How long a finished stream's last chunk may take before the connection is cut instead.
 FINISH_TIMEOUT = 1.0
+#: At most this much of a client's input goes back in an error message.
+EXCERPT_CHARS = 100
+#: Methods of the read-only routes.
+READ_METHODS = ("GET", "HEAD")
 
 
-def text(status: int, body: str) -> Response:
-    return status, {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}, body
+def text(status: int, body: str, headers: dict[str, str] | None = None) -> Response:
+    """A plain-text answer (``nosniff``: a browser must never take it for HTML)."""
+    base = {
+        "content-type": "text/plain; charset=utf-8",
+        "cache-control": "no-store",
+        "x-content-type-options": "nosniff",
+    }
+    return status, {**base, **(headers or {})}, body
+
+
+def method_not_allowed(allowed: tuple[str, ...]) -> Response:
+    return text(405, f"method not allowed: use {' or '.join(allowed)}", {"allow": ", ".join(allowed)})
+
+
+def excerpt(value: str) -> str:
+    """A client's input, quoted and cut to ``EXCERPT_CHARS`` characters, for an error message."""
+    return repr(value[:EXCERPT_CHARS]) + ("..." if len(value) > EXCERPT_CHARS else "")
 
 
 def parse_stream_path(path: str) -> tuple[str | None, str, str] | None:
@@ -127,9 +156,10 @@ class Gateway:
 
     async def _route(self, request: HttpRequest) -> Response | None:
         path = request.path
+        read_only = path.startswith("/stream/") or path in ("/health", "/ready")
+        if read_only and request.method not in READ_METHODS:
+            return method_not_allowed(READ_METHODS)
         if path.startswith("/stream/"):
-            if request.method not in ("GET", "HEAD"):
-                return text(405, "use GET")
             return await self._stream(request)
         if path == "/health":
             return text(200, "OK")
@@ -144,6 +174,8 @@ class Gateway:
         return text(404, "not found")
 
     async def _ready(self) -> Response:
+        if not self.hub.reading:  # its streams are frozen until the reader is back
+            return text(503, "hub reader down")
         try:
             await asyncio.wait_for(self.log.redis.ping(), timeout=2)
         except (RedisError, OSError, TimeoutError):
@@ -167,6 +199,9 @@ class Gateway:
         if parsed is None:
             return text(404, "not found: use /stream/<Model>/<id> or /stream/<app>/<Model>/<id>")
         app_label, model, pk = parsed
+        too_long = next((p for p in parsed if p is not None and len(p) > EXCERPT_CHARS), None)
+        if too_long is not None:
+            return text(400, f"{excerpt(too_long)} is too long for an app label, model name or task id")
         try:
             TaskRef(app_label or "x", model, pk)  # shape check before any Redis lookup
             resume = last_event_id(request)
@@ -177,7 +212,7 @@ class Gateway:
             return text(400, "replay must be 'all' or 'latest'")
         resolved = await self.registry.resolve(app_label, model)
         if resolved is None:
-            return text(404, f"unknown model {model!r}")
+            return text(404, f"unknown model {excerpt(model)}")
         ref = TaskRef(resolved[0], resolved[1], pk)
         try:
             feed = await Feed.open(self.log, self.hub, ref, last_id=resume, latest=replay == "latest")
@@ -198,7 +233,7 @@ class Gateway:
                 self._start_after_grace(ref)
         wants_sse = "text/event-stream" in request.headers.get("accept", "")
         if feed.state is not None and feed.state.ended and not wants_sse:
-            return 200, {"content-type": "application/json"}, json.dumps(self._summary(feed))
+            return 200, SUMMARY_HEADERS, json.dumps(self._summary(feed))
         if feed.empty:
             return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
         await request.accept(200, SSE_HEADERS)

@@ -29,7 +29,7 @@ from streamcoord.jobs import JobQueue
 from streamcoord.server import bind
 from streamcoord.settings import Settings
 
-from .processes import REPO, Project
+from .processes import REPO, Gateway, Project
 from .workerparts import Executor, FakeTask, Rows, Run, settle
 from .workloads import KEYS, state, stream
 
@@ -96,6 +96,69 @@ def test_runserver_stream_refuses_a_file_at_its_socket_path(project: Project) ->
     assert result.returncode != 0
     assert "not a unix socket" in result.stderr
     assert precious.read_text() == "keep me\n"
+
+
+# -- b./c. the gateway's answers: headers, methods, echoes -----------------------------------
+
+
+def _http(gateway: Gateway) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(uds=str(gateway.socket))
+    return httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=10)
+
+
+async def test_ended_task_json_answer_is_not_cached_nor_sniffed(gateway: Gateway, event_log: EventLog) -> None:
+    writer = event_log.writer(JOB)
+    await writer.append("progress", {"step": 1})
+    await writer.append("complete", {"message": "done"}, final_value={"total": 1})
+    async with _http(gateway) as client:
+        answer = await client.get("/stream/shop/Job/1")
+    assert answer.status_code == 200 and answer.json()["final_value"] == {"total": 1}
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers["vary"] == "Accept"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_plain_text_errors_are_not_sniffed(gateway: Gateway) -> None:
+    async with _http(gateway) as client:
+        for path in ("/nope", "/stream/shop/Nope/1", "/stream/shop/Job/bad!id"):
+            answer = await client.get(path)
+            assert answer.status_code in (400, 404), path
+            assert answer.headers["x-content-type-options"] == "nosniff", path
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/stream/shop/Job/1"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_read_only_routes_answer_405_with_allow(gateway: Gateway, path: str, method: str) -> None:
+    async with _http(gateway) as client:
+        answer = await client.request(method, path)
+    assert answer.status_code == 405, answer.text
+    assert answer.headers["allow"] == "GET, HEAD"
+    assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_read_only_routes_still_serve_get_and_head(gateway: Gateway) -> None:
+    async with _http(gateway) as client:
+        for path in ("/health", "/ready"):
+            assert (await client.get(path)).status_code == 200
+            assert (await client.head(path)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/stream/shop/Job/" + "9" * 5000,
+        "/stream/shop/" + "J" * 5000 + "/1",
+        "/stream/" + "a" * 5000 + "/Job/1",
+        "/stream/" + "Z" * 5000 + "/1",
+        "/stream/shop/Job/" + "!" * 5000,
+    ],
+)
+async def test_error_bodies_echo_only_an_excerpt_of_the_path(gateway: Gateway, path: str) -> None:
+    async with _http(gateway) as client:
+        answer = await client.get(path)
+    assert answer.status_code in (400, 404)
+    assert len(answer.text) < 250, answer.text
 
 
 # -- d. a final value is held to the payloads' rules ------------------------------------------
