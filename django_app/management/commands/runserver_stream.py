@@ -6,13 +6,14 @@ import contextlib
 import logging
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_app import conf
 from django_app.coordinator import coordinator
 from streamcoord import runtime
 from streamcoord.cli import DEFAULT_SOCKET, bind_target
 from streamcoord.embedded import EmbeddedRedis
+from streamcoord.errors import ConfigurationError
 from streamcoord.server import serve
 from streamcoord.settings import Settings
 from worker.runner import Worker
@@ -42,6 +43,8 @@ class Command(BaseCommand):
             settings = conf.get_settings()
         try:
             runtime.run(self._serve(settings, target, embedded is not None))
+        except ConfigurationError as exc:  # e.g. --socket names something that is no socket
+            raise CommandError(str(exc)) from None
         finally:
             if embedded is not None:
                 embedded.close()
