@@ -225,7 +225,7 @@ class Gateway:
 
     async def _serve(self, request: HttpRequest, feed: Feed) -> Response | None:
         ref = feed.ref
-        if feed.state is not None and feed.state.awaits_start and self.settings.lazy_start:
+        if feed.state is not None and feed.state.awaits_start and self.settings.lazy_start and request.method != "HEAD":
             # The predecessor's lazy start: the first client of a created task starts it. The
             # start is one atomic step, so clients racing through any gateways start it once.
             outcome = await self.jobs.start(ref, lazy=True)

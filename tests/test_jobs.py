@@ -96,6 +96,21 @@ async def test_a_gateway_lazy_start_cut_off_is_completed_when_the_client_comes_b
             await asyncio.to_thread(gateway.stop)
 
 
+async def test_a_head_request_never_starts_a_task(tmp_path: Path, redis_server: RedisServer, redis: Redis) -> None:
+    """``curl -I`` (or a prefetching proxy) asks about a stream; only a GET may start its task."""
+    await redis.hset(KEYS.state(REF), "state", State.PENDING)
+    gateway = await asyncio.to_thread(start_gateway, tmp_path, redis_server.url)
+    try:
+        transport = httpx.AsyncHTTPTransport(uds=str(gateway.socket))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as http:
+            head = await http.head("/stream/shop/Job/1", headers={"accept": "text/event-stream"})
+            assert head.status_code == 200
+        assert await redis.hget(KEYS.state(REF), "state") == b"pending"
+        assert await redis.xlen(KEYS.jobs()) == 0
+    finally:
+        await asyncio.to_thread(gateway.stop)
+
+
 async def test_a_client_waiting_on_a_start_cut_off_sees_the_task_start_after_the_grace(
     tmp_path: Path, redis_server: RedisServer, redis: Redis
 ) -> None:
