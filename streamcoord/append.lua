@@ -27,17 +27,14 @@
 --           nothing is written, and the other events of the call are not affected
 local maxlen, stream_ttl, state_ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
-local function kind(key)
-  return redis.call('TYPE', key)['ok']
-end
-
 local function append(events, state, epoch, seq, etype, data, terminal, final, writer, run)
   -- A wrong type would raise mid-call and fail every event of the batch: answer for this one.
-  local events_kind, state_kind = kind(events), kind(state)
-  if (events_kind ~= 'stream' and events_kind ~= 'none') or (state_kind ~= 'hash' and state_kind ~= 'none') then
+  -- (TYPE stands in for EXISTS, and the record is read with pcall: no call is added for it.)
+  local events_kind = redis.call('TYPE', events)['ok']
+  local cur = redis.pcall('HMGET', state, 'epoch', 'last_seq', 'state', 'writer', 'run')
+  if cur.err or (events_kind ~= 'stream' and events_kind ~= 'none') then
     return {'invalid', '', 0}
   end
-  local cur = redis.call('HMGET', state, 'epoch', 'last_seq', 'state', 'writer', 'run')
   local cur_epoch = cur[1] or ''
   local last = cur[2] and tonumber(cur[2]) or 0
   local ended = cur[3] == 'completed' or cur[3] == 'failed' or cur[3] == 'cancelled'
@@ -45,7 +42,7 @@ local function append(events, state, epoch, seq, etype, data, terminal, final, w
   if cur[5] and cur[5] ~= run and (run ~= '' or cur[3] == 'running') then
     return {'fenced', cur_epoch, last}
   end
-  local exists = redis.call('EXISTS', events) == 1
+  local exists = events_kind == 'stream'
   if exists and seq == 1 and cur_epoch ~= epoch and cur[4] == writer then
     -- This writer lost its stream's tail (a failover) and starts the stream anew.
     redis.call('DEL', events)
