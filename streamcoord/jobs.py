@@ -99,6 +99,7 @@ class JobQueue:
         self._recover = scripts.register(redis, "recover")
         self._hand_back = scripts.register(redis, "hand_back")
         self._cancel = scripts.register(redis, "cancel")
+        self._finish_if_ours = scripts.register(redis, "finish_if_ours")
         #: Where the next look for abandoned jobs goes on in the pending list.
         self._abandoned_cursor = "0-0"
 
@@ -219,6 +220,12 @@ class JobQueue:
         pipe.xack(self.keys.jobs(), GROUP, job.entry_id)
         pipe.xdel(self.keys.jobs(), job.entry_id)
         await pipe.execute()
+
+    async def finish_if_ours(self, job: Job, consumer: str) -> bool:
+        """:meth:`finish` only while the job is pending under ``consumer`` (atomically: see
+        ``finish_if_ours.lua``); False when another worker holds it now."""
+        done = await self._finish_if_ours(keys=[self.keys.jobs()], args=[GROUP, consumer, job.entry_id])
+        return bool(done)
 
     async def dead_letter(self, job: Job, attempts: int, reason: str) -> None:
         """Record a task that used up its attempts in the dead-letter stream."""

@@ -28,7 +28,7 @@ SCRIPT_WORDS = {"start", "lazy"} | set(Status) | set(Verdict) | {"epoch", "type"
 
 def test_every_script_is_known_and_documents_its_contract() -> None:
     names = {path.stem for path in SCRIPTS}
-    assert names == {"append", "start", "job_added", "start_failed", "begin", "renew", "recover", "hand_back", "cancel"}
+    assert names == {"append", "start", "job_added", "start_failed", "begin", "renew", "recover", "hand_back", "cancel", "finish_if_ours"}
     for path in SCRIPTS:
         header = path.read_text().split("\n", 1)[0]
         assert header.startswith("-- "), f"{path.name} starts without its contract comment"

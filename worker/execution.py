@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 from django_app.models import StreamTask
 from streamcoord.errors import EventRejected, TaskFailure, WriterFenced
 from streamcoord.eventlog import EventLog, TaskWriter
-from streamcoord.jobs import GROUP, Job, JobQueue
+from streamcoord.jobs import Job, JobQueue
 from streamcoord.taskstate import State
 
 from . import outcomes
@@ -136,18 +136,9 @@ class Executor:
                 log.info("task %s was cancelled before it began: ended it with cancelled", run.label)
         else:
             log.info("task %s is no longer queued; skipped", run.label)
-        if await self._still_ours(run.job):
-            await self.queue.finish(run.job)
-
-    async def _still_ours(self, job: Job) -> bool:
-        """Whether the job's entry is still pending under this worker. A ``begin`` slower than
-        a lease lets another worker take the entry over (and begin the task from it); XACK is
-        not per consumer, so acknowledging it then would drop that worker's job."""
-        found = await self.queue.redis.xpending_range(
-            self.queue.keys.jobs(), GROUP, min=job.entry_id, max=job.entry_id, count=1,
-            consumername=self.worker_id,
-        )
-        return bool(found)
+        # A begin slower than a lease lets another worker take the entry over: never drop it
+        # from under that worker.
+        await self.queue.finish_if_ours(run.job, self.worker_id)
 
     async def _execute(self, run: Run, attempt: int) -> bool:
         """Run the task and write its end. True when this run ended it (its terminal event is
