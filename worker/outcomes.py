@@ -62,7 +62,7 @@ class Outcome:
     @property
     def event_type(self) -> str:
         """``complete``, ``error`` or ``cancelled``."""
-        return _EVENT_OF[State(self.status).value]
+        return _EVENT_OF[self.status]
 
     def payload(self) -> dict[str, Any]:
         """The terminal event's data (never a traceback: that stays in the worker's log)."""
@@ -79,12 +79,12 @@ class Outcome:
         return f"{self.error_type}: {self.message}" if self.error_type else self.message
 
     @classmethod
-    def sent_by_the_task(cls, event_type: str, final_value: Any = None) -> Outcome:
+    def sent_by_the_task(cls, event_type: str) -> Outcome:
         """The outcome of a terminal event ``process()`` sent itself. Redis ended the task with
         it, so the row records it too, however the run went on (it may still have raised, run
         out of time or been cancelled)."""
         if event_type == "complete":
-            return cls.completed(final_value)
+            return cls.completed(None)
         if event_type == "error":
             return cls(Status.FAILED, message="the task sent its own error event")
         return cls.cancelled("the task sent its own cancelled event")

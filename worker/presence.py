@@ -136,10 +136,7 @@ class Presence:
                 await self._forget(worker_id.decode(errors="replace"))
 
     async def _forget(self, worker_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hdel(self.keys.workers(), worker_id)
-        pipe.delete(self.keys.worker_running(worker_id), self.keys.worker_control(worker_id))
-        await pipe.execute()
+        await self._drop(worker_id)
         log.info("forgot worker %s (silent for over %ss)", worker_id, self.silent_after_ms / 1000)
 
     def _report_malformed(self, worker_id: bytes, raw: bytes, problem: str) -> None:
@@ -172,9 +169,13 @@ class Presence:
     async def leave(self) -> None:
         """Remove this worker's entry, running set and control stream (on a clean stop)."""
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hdel(self.keys.workers(), self.worker_id)
-            pipe.delete(self.keys.worker_running(self.worker_id), self.keys.worker_control(self.worker_id))
-            await pipe.execute()
+            await self._drop(self.worker_id)
         except RedisError as exc:
             log.warning("could not remove this worker's entry from %s: %s", self.keys.workers(), exc)
+
+    async def _drop(self, worker_id: str) -> None:
+        """A worker's entry, running set and control stream, gone."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(self.keys.workers(), worker_id)
+        pipe.delete(self.keys.worker_running(worker_id), self.keys.worker_control(worker_id))
+        await pipe.execute()
