@@ -150,17 +150,13 @@ class TaskState:
         return cls(**values)
 
 
-_KINDS: dict[str, type] = {
+#: How each field decodes: text, but for these.
+_KINDS: dict[str, type] = {field.value: str for field in Field} | {
     Field.END_DATA: bytes,
     Field.ATTEMPT: int,
     Field.LEASE_UNTIL: int,
     Field.STARTING_UNTIL: int,
     Field.LAST_SEQ: int,
-    **{
-        field.value: str
-        for field in Field
-        if field not in (Field.END_DATA, Field.ATTEMPT, Field.LEASE_UNTIL, Field.STARTING_UNTIL, Field.LAST_SEQ)
-    },
 }
 
 

@@ -50,23 +50,18 @@ class FaultProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream))
 
-        async def forward_commands() -> None:
-            while data := await reader.read(65536):
-                if self._fires(self._commands, data):
-                    writer.transport.abort()
+        async def forward(source: asyncio.StreamReader, sink: asyncio.StreamWriter, rules: list[Match]) -> None:
+            while data := await source.read(65536):
+                if self._fires(rules, data):
+                    writer.transport.abort()  # the client's connection, either way
                     return
-                up_writer.write(data)
-                await up_writer.drain()
+                sink.write(data)
+                await sink.drain()
 
-        async def forward_replies() -> None:
-            while data := await up_reader.read(65536):
-                if self._fires(self._replies, data):
-                    writer.transport.abort()
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        tasks = [asyncio.create_task(forward_commands()), asyncio.create_task(forward_replies())]
+        tasks = [
+            asyncio.create_task(forward(reader, up_writer, self._commands)),
+            asyncio.create_task(forward(up_reader, writer, self._replies)),
+        ]
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
             task.cancel()

@@ -120,8 +120,10 @@ async def test_a_client_waiting_on_a_start_cut_off_sees_the_task_start_after_the
     queue = JobQueue(redis, KEYS)
     await queue.ensure_group()
     await redis.hset(KEYS.state(REF), "state", State.PENDING)
-    await queue._start(keys=[KEYS.state(REF)], args=["now", "start", 2_000])  # then it died
     gateway = await asyncio.to_thread(start_gateway, tmp_path, redis_server.url)
+    # Flipped just before the client connects (a gateway that is slow to start on a busy
+    # machine must not outlast the grace), then it died.
+    await queue._start(keys=[KEYS.state(REF)], args=["now", "start", 3_000])
     try:
         transport = httpx.AsyncHTTPTransport(uds=str(gateway.socket))
         headers = {"accept": "text/event-stream"}

@@ -77,12 +77,20 @@ async def test_a_lease_renewal_while_the_run_begins_leaves_it_alone(
 ) -> None:
     rows.add(REF, lambda task: asyncio.sleep(0, 1))
     w = worker(settings, lease_seconds=1.5)  # renewals every 0.5 s
-    begin = w.queue.begin
+    begin, renew = w.queue.begin, w._renew_leases
+    beginning, renewed = asyncio.Event(), asyncio.Event()
+
+    async def renew_and_tell() -> None:
+        await renew()
+        if beginning.is_set():
+            renewed.set()
 
     async def slow_begin(*args: Any) -> int | None:
-        await asyncio.sleep(0.8)  # a renewal round comes meanwhile
+        beginning.set()
+        await asyncio.wait_for(renewed.wait(), 10)  # a renewal round comes meanwhile
         return await begin(*args)
 
+    monkeypatch.setattr(w, "_renew_leases", renew_and_tell)
     monkeypatch.setattr(w.queue, "begin", slow_begin)
     await JobQueue(redis, KEYS).start(REF)
     running(w)
@@ -127,11 +135,11 @@ async def test_a_task_taken_over_while_a_run_of_it_is_beginning_here_starts_afte
     await queue.start(REF)
     await redis.xadd(KEYS.jobs(), {"task": REF.label})
     first, second = await queue.claim(w.id, 2, 100)
-    begin, beginning = w.queue.begin, asyncio.Event()
+    begin, beginning, gate = w.queue.begin, asyncio.Event(), asyncio.Event()
 
     async def slow_begin(*args: Any) -> int | None:
         beginning.set()
-        await asyncio.sleep(0.3)
+        await gate.wait()
         return await begin(*args)
 
     monkeypatch.setattr(w.queue, "begin", slow_begin)
@@ -142,6 +150,7 @@ async def test_a_task_taken_over_while_a_run_of_it_is_beginning_here_starts_afte
         # Meanwhile this worker's recovery took the task over through the other entry (as
         # recover.lua does: running under the new run's token, attempt 2).
         await redis.hset(KEYS.state(REF), mapping={"state": "running", "run": "run-2", "worker": w.id, "attempt": 2})
+        gate.set()  # the first run's begin goes on now, and finds the task taken
         await w._launch(second, "run-2", 2)
         assert here.task is not None and here.task.done()  # the first run ended before
         await settle(w.runs[REF.label].task)
@@ -159,14 +168,20 @@ async def test_a_run_launched_by_a_recovery_round_as_the_worker_stops_is_handed_
     redis: Redis, settings: Settings, rows: Rows, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rows.max_attempts = 3
-    task = rows.add(REF, lambda task: asyncio.Event().wait())  # runs until stopped
+    started = asyncio.Event()
+
+    async def body(task: FakeTask) -> None:
+        started.set()
+        await asyncio.Event().wait()  # runs until stopped
+
+    task = rows.add(REF, body)
     queue = JobQueue(redis, KEYS)
     await queue.ensure_group()
     await queue.start(REF)
     [job] = await queue.claim("ghost", 1, 100)
     assert await queue.begin(REF, "ghost", "ghost-run", 1) == 1  # then the ghost died
 
-    w = worker(settings, lease_seconds=1, shutdown_grace_seconds=0.5)
+    w = worker(settings, lease_seconds=1, shutdown_grace_seconds=60)
     recover, recovering, release = w.queue.recover, asyncio.Event(), asyncio.Event()
 
     async def held_recover(*args: Any) -> tuple[str, int]:
@@ -181,6 +196,8 @@ async def test_a_run_launched_by_a_recovery_round_as_the_worker_stops_is_handed_
     w.stop()
     await asyncio.sleep(0.3)
     release.set()
+    await asyncio.wait_for(started.wait(), 10)  # the late run got its grace period
+    w.stop()  # a second stop hands back at once
     await asyncio.wait_for(runner, 10)
 
     assert task.runs == 1  # the late run got its grace period
