@@ -23,8 +23,7 @@ from django.apps import apps
 from redis.asyncio import Redis
 
 from streamcoord.connection import RedisFactory
-from streamcoord.errors import TaskEnded, WriterFenced
-from streamcoord.eventlog import EventLog, TaskWriter
+from streamcoord.eventlog import CANCELLED_BEFORE_START, EventLog, TaskWriter
 from streamcoord.jobs import JobQueue, StartOutcome
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.registry import register_models
@@ -179,16 +178,11 @@ class TaskCoordinator:
         ref = task.stream_ref
         before, worker = await runtime.queue.request_cancel(ref)
         if before in (State.PENDING, State.QUEUED, State.CANCELLING):
-            message = "cancelled before it started"
-            try:
-                await runtime.events.writer(ref).append("cancelled", {"message": message})
-            except (TaskEnded, WriterFenced):
-                # Another canceller, or a worker that found the task cancelling, wrote it first.
-                record = await runtime.events.state(ref)
-                if record is None or record.state != State.CANCELLED:
-                    return f"nothing to cancel: the task is {record.state if record else 'unknown to Redis'}"
-            await task.mark_failed(message, status=Status.CANCELLED)
-            return message
+            after = await runtime.events.end_cancelled_before_start(ref)
+            if after != State.CANCELLED:
+                return f"nothing to cancel: the task is {after or 'unknown to Redis'}"
+            await task.mark_failed(CANCELLED_BEFORE_START, status=Status.CANCELLED)
+            return CANCELLED_BEFORE_START
         if before == State.RUNNING:
             return f"cancellation sent to worker {worker}"
         return f"nothing to cancel: the task is {before or 'unknown to Redis'}"

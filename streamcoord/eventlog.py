@@ -30,6 +30,9 @@ from .taskstate import TERMINAL_EVENTS, Field, State, TaskState
 
 log = logging.getLogger(__name__)
 
+#: The message of the ``cancelled`` event of a task cancelled before any run of it began.
+CANCELLED_BEFORE_START = "cancelled before it started"
+
 
 class EventLog:
     """The event logs of one deployment (one Redis, one key prefix)."""
@@ -58,6 +61,19 @@ class EventLog:
     async def state(self, ref: TaskRef) -> TaskState | None:
         raw: Any = await self.redis.hgetall(self.keys.state(ref))
         return TaskState.from_hash(raw)
+
+    async def end_cancelled_before_start(self, ref: TaskRef) -> str:
+        """Write the ``cancelled`` event of a task ``cancel.lua`` left ``cancelling`` (no worker
+        began it), with no run token: no run ever owned it. The canceller does it, and the next
+        canceller or a worker that finds the task so when the first was cut off. Another may
+        have written it first: that one stands. Returns the task's state afterwards:
+        ``cancelled``, or what it turned out to be ('' when Redis knows nothing of it)."""
+        try:
+            await self.writer(ref).append("cancelled", {"message": CANCELLED_BEFORE_START})
+        except (TaskEnded, WriterFenced):
+            record = await self.state(ref)
+            return record.state if record is not None else ""
+        return State.CANCELLED
 
     async def set_final_value(self, ref: TaskRef, value: Any) -> None:
         """Record a run's final value in its state record (for the completed-task JSON answer),

@@ -17,8 +17,7 @@ from django.apps import apps
 from django.utils import timezone
 
 from django_app.models import Status, StreamTask
-from streamcoord.errors import TaskEnded, WriterFenced
-from streamcoord.eventlog import EventLog
+from streamcoord.eventlog import CANCELLED_BEFORE_START, EventLog
 from streamcoord.keys import TaskRef
 from streamcoord.taskstate import TERMINAL_EVENTS, State
 
@@ -28,8 +27,6 @@ _EVENT_OF: dict[str, str] = {state.value: event for event, state in TERMINAL_EVE
 PRIVATE_FAILURE = "the task failed"
 #: Failures whose text is written for watchers: the task's own ``TaskFailure``, and ours.
 PUBLIC_TYPES = frozenset({"TaskFailure", "WorkerLost"})
-#: Why a task cancelled before any run of it began was cancelled (the coordinator says the same).
-CANCELLED_BEFORE_START = "cancelled before it started"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -170,12 +167,7 @@ async def end_cancelling(events: EventLog, ref: TaskRef) -> bool:
     cancelled. A canceller that writes it first is fine: its event stands, the row says the
     same. False when the task turned out to be neither (events sent from outside a worker made
     it running): nothing is recorded then."""
-    outcome = Outcome.cancelled(CANCELLED_BEFORE_START)
-    try:
-        await events.writer(ref).append(outcome.event_type, outcome.payload())
-    except (TaskEnded, WriterFenced):
-        record = await events.state(ref)
-        if record is None or record.state != State.CANCELLED:
-            return False
-    await record_by_ref(ref, outcome)
+    if await events.end_cancelled_before_start(ref) != State.CANCELLED:
+        return False
+    await record_by_ref(ref, Outcome.cancelled(CANCELLED_BEFORE_START))
     return True
