@@ -17,6 +17,10 @@ from .errors import ConfigurationError
 ENV_PREFIX = "STREAMCOORD_"
 _TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
 _ZERO_ALLOWED = frozenset({"retry_ms", "window_events"})
+#: The values of ``stream_auth``.
+STREAM_AUTH_MODES = ("token", "public")
+#: The shortest ``secret`` accepted: 32 characters (RFC 7518 asks HS256 keys for 256 bits).
+MIN_SECRET_CHARS = 32
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -76,6 +80,41 @@ class Settings:
     #: Where the embedded default announces its URL to other local processes ('' = nowhere).
     embedded_url_file: str = ""
 
+    # -- Access: who may read and start a task (the README's "Security") ------------------------
+    #: Who may read a task's stream: ``token`` (a stream token the application issued, signed
+    #: with ``secret``) or ``public`` (anyone who can reach a gateway: the predecessor's way).
+    stream_auth: str = "token"
+    #: The key that signs stream tokens (HS256), shared by Django and every gateway; at least
+    #: 32 characters. Never logged. The embedded default makes one per run when it is unset.
+    secret: str = dataclasses.field(default="", repr=False)
+    #: Default lifetime of a stream token, in seconds: a day, like the stream a finished task
+    #: leaves behind (``stream_ttl_seconds``), so a page opened at the start can follow and
+    #: resume a long task to its end with the URL it was given.
+    stream_token_seconds: int = 24 * 3600
+    #: The public base URL of the gateways (``https://stream.example.com``), for absolute
+    #: ``stream_url()``\s; '' gives paths.
+    gateway_url: str = ""
+    #: Origins (``scheme://host[:port]``, comma-separated) whose pages may read streams across
+    #: origins (CORS). ``*`` (any origin) only with ``stream_auth=public``. '' = same origin only.
+    cors_origins: str = ""
+
+    # -- Limits: what one client may hold of a gateway ---------------------------------------
+    #: Connections one gateway process holds at most; beyond it, new requests get 503 with
+    #: ``Retry-After`` (load shedding, not a crash).
+    max_connections: int = 10_000
+    #: Largest request head (request line and headers) a gateway reads, in bytes; a larger one
+    #: gets 431 and the connection is closed, without buffering the rest.
+    max_header_bytes: int = 16 * 1024
+    #: Seconds a connection may take to send a complete request head; then it is closed
+    #: (silent and slowloris sockets).
+    header_timeout_seconds: float = 10.0
+    #: Bytes of encoded frames a client may leave untaken (history included) before it is cut,
+    #: besides ``client_queue_size`` frames; it resumes from Redis with Last-Event-ID.
+    client_queue_bytes: int = 1024 * 1024
+    #: Seconds a client may accept no bytes at all before it is cut (it resumes with
+    #: Last-Event-ID).
+    write_stall_seconds: float = 30.0
+
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value: Any = getattr(self, field.name)
@@ -90,10 +129,42 @@ class Settings:
                 f"block_ms ({self.block_ms}) must be below redis_socket_timeout "
                 f"({self.redis_socket_timeout} s), or a blocked read times out"
             )
+        self._check_access()
         if not self.key_prefix or any(c in self.key_prefix for c in "{}: \t\r\n"):
             raise ConfigurationError(
                 f"key_prefix {self.key_prefix!r} must be non-empty, without braces, colons or spaces"
             )
+
+    def _check_access(self) -> None:
+        if self.stream_auth not in STREAM_AUTH_MODES:
+            raise ConfigurationError(
+                f"stream_auth must be one of {', '.join(STREAM_AUTH_MODES)}, not {self.stream_auth!r}"
+            )
+        if self.secret and len(self.secret) < MIN_SECRET_CHARS:
+            raise ConfigurationError(
+                f"secret must be at least {MIN_SECRET_CHARS} characters (it signs stream tokens); "
+                "make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        if self.gateway_url and not self.gateway_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"gateway_url must start with http:// or https://, not {self.gateway_url!r}")
+        for origin in self.cors_origin_list:
+            if origin == "*":
+                if self.stream_auth != "public":
+                    raise ConfigurationError("cors_origins '*' (any origin) is allowed only with stream_auth=public")
+            elif not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+                raise ConfigurationError(
+                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path)"
+                )
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """``cors_origins`` split: each origin lower-cased, without a trailing slash."""
+        return tuple(o.strip().lower().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+    @property
+    def public_streams(self) -> bool:
+        """True when anyone who reaches a gateway may read every stream (no tokens)."""
+        return self.stream_auth == "public"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
