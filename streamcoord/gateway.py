@@ -7,7 +7,12 @@ Routes::
     GET /stream/{app_label}/{Model}/{id}  the same, naming the app
     GET /health                           200 "OK" while the process serves
     GET /ready                            200 "READY" when Redis answers and the reader runs, else 503
+
+On the admin listener only (``--admin-socket``/``--admin-port``; never the public port, where
+these paths answer 404)::
+
     GET /stats                            this process's listeners, streams and counters (JSON)
+    GET /health                           200 "OK"
 
 Errors are plain text with a 4xx or 503 status; no response ever carries an exception's text,
 and none echoes more than a short excerpt of what the client sent. A method a route does not
@@ -165,13 +170,24 @@ class Gateway:
             return text(200, "OK")
         if path == "/ready":
             return await self._ready()
-        if path == "/stats":
-            return 200, {"content-type": "application/json"}, json.dumps(self.stats())
         if self.extra_routes is not None:
             response = await self.extra_routes(request)
             if response is not None:
                 return response
         return text(404, "not found")
+
+    def admin_asgi(self) -> Any:
+        """The internal routes, for a listener only operators reach."""
+        return asgineer.to_asgi(self.handle_admin)
+
+    async def handle_admin(self, request: HttpRequest) -> Response:
+        if request.path not in ("/stats", "/health"):
+            return text(404, "not found")
+        if request.method not in READ_METHODS:
+            return method_not_allowed(READ_METHODS)
+        if request.path == "/health":
+            return text(200, "OK")
+        return 200, {"content-type": "application/json", "cache-control": "no-store"}, json.dumps(self.stats())
 
     async def _ready(self) -> Response:
         if not self.hub.reading:  # its streams are frozen until the reader is back

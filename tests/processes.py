@@ -110,6 +110,7 @@ def start_gateway(directory: Path, redis_url: str, name: str = "gw", **settings:
     log = directory / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCOORD_")}
     env["STREAMCOORD_REDIS_URL"] = redis_url
+    env["STREAMCOORD_STREAM_AUTH"] = "public"  # tests/test_stream_auth.py covers tokens
     env.update({f"STREAMCOORD_{k.upper()}": str(v) for k, v in settings.items()})
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -161,6 +162,8 @@ class Project:
         env["STREAMCOORD_EMBEDDED_URL_FILE"] = str(self.directory / "embedded.url")
         if self.redis_url:
             env["STREAMCOORD_REDIS_URL"] = self.redis_url
+        # Streams open to any client unless a test asks for tokens (tests/test_stream_auth.py).
+        env["STREAMCOORD_STREAM_AUTH"] = "public"
         env.update({f"STREAMCOORD_{k.upper()}": str(v) for k, v in settings.items()})
         return env
 
