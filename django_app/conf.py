@@ -4,7 +4,8 @@
 of :class:`streamcoord.Settings` (any case); ``STREAMCOORD_*`` environment variables fill the
 rest. With no Redis URL anywhere, the embedded default applies: ``runserver_stream`` serves an
 in-process Redis stand-in and announces it in ``embedded_url_file`` (default
-``<BASE_DIR>/.streamcoord-embedded.url``), where the other commands of this project find it.
+``<BASE_DIR>/.streamcoord-embedded.url``), where the other commands of this project find it,
+and the stream-token secret of that run (unless ``STREAMCOORD_SECRET`` is set).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from django.conf import settings as django_settings
 
-from streamcoord.embedded import discover
+from streamcoord.embedded import Announcement, discover
 from streamcoord.settings import Settings
 
-_redis_url_override = ""
+#: The embedded default this process serves or found announced, if any.
+_embedded: Announcement | None = None
 
 
 @functools.cache
@@ -33,20 +35,20 @@ def _configured() -> Settings:
 
 def get_settings() -> Settings:
     """This process's settings; the Redis URL is the configured one, or the embedded default's
-    (this process's own, or one another local process announced)."""
-    global _redis_url_override
+    (this process's own, or one another local process announced), and so is the secret when
+    none is configured."""
+    global _embedded
     settings = _configured()
-    if _redis_url_override:
-        return dataclasses.replace(settings, redis_url=_redis_url_override)
-    if not settings.redis_url:
-        found = discover(settings.embedded_url_file)
-        if found:
-            _redis_url_override = found
-            return dataclasses.replace(settings, redis_url=found)
-    return settings
+    if settings.redis_url:
+        return settings
+    if _embedded is None:
+        _embedded = discover(settings.embedded_url_file)
+        if _embedded is None:
+            return settings
+    return dataclasses.replace(settings, redis_url=_embedded.url, secret=settings.secret or _embedded.secret)
 
 
-def use_redis_url(url: str) -> None:
-    """Point this process at ``url`` (the embedded default this process serves)."""
-    global _redis_url_override
-    _redis_url_override = url
+def use_embedded(url: str, secret: str) -> None:
+    """Point this process at the embedded default it serves itself."""
+    global _embedded
+    _embedded = Announcement(url, secret)

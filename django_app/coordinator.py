@@ -29,7 +29,7 @@ from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.registry import register_models
 from streamcoord.taskstate import Field, State
 
-from . import conf
+from . import access, conf
 from .models import Status, StreamTask
 
 T = TypeVar("T")
@@ -130,6 +130,14 @@ class TaskCoordinator:
     def declare_sync(self, task: StreamTask) -> bool:
         """:meth:`declare` for sync code."""
         return self._run_sync(lambda: self.declare(task))
+
+    def stream_token(
+        self, *tasks: StreamTask, start: bool = False, expires_in: float | None = None,
+        subject: str | None = None,
+    ) -> str:
+        """A stream token for ``tasks`` (see :mod:`django_app.access`); no Redis involved, so
+        it is safe from sync and async code alike."""
+        return access.stream_token([t.stream_ref for t in tasks], start=start, expires_in=expires_in, subject=subject)
 
     async def start_task(self, task: StreamTask, *names: str) -> StartOutcome:
         """Queue ``task`` for a worker. Idempotent: a task already queued, running or ended is

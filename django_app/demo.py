@@ -78,5 +78,6 @@ async def demo_routes(request: HttpRequest) -> Response | None:
         task = await find_model(MODELS[kind]).objects.acreate(**KINDS[kind][1])
         outcome = await coordinator.start_task(task)
         ref = task.stream_ref
-        return _json({"model": ref.model, "id": task.pk, "stream": task.stream_path, "started": outcome.queued})
+        # The page that started the task may watch it: a URL with a token for this one task.
+        return _json({"model": ref.model, "id": task.pk, "stream": task.stream_url(), "started": outcome.queued})
     return None

@@ -8,9 +8,12 @@ from typing import Any, ClassVar
 from django.db import models
 from django.utils import timezone
 
+from streamcoord.client import task_path
 from streamcoord.eventlog import TaskWriter
 from streamcoord.ids import EventId
 from streamcoord.keys import TaskRef
+
+from . import access
 
 #: Makes the writer for ``send_event`` outside a worker. The coordinator installs it when the
 #: app is ready (this module never imports the coordinator: the coordinator imports it).
@@ -96,4 +99,10 @@ class StreamTask(models.Model):
     def stream_path(self) -> str:
         """The gateway URL path of this task's events."""
         ref = self.stream_ref
-        return f"/stream/{ref.app_label}/{ref.model}/{ref.pk}"
+        return task_path(ref.model, ref.pk, ref.app_label)
+
+    def stream_url(self, start: bool = False, expires_in: float | None = None) -> str:
+        """The URL to watch this task with: its stream path and a stream token (absolute under
+        ``STREAMCOORD_GATEWAY_URL``). Give it only to whoever may watch the task; ``start``
+        also lets it start the task (lazy start), ``expires_in`` overrides the lifetime."""
+        return access.stream_url(self.stream_ref, start=start, expires_in=expires_in)

@@ -118,6 +118,7 @@ async def stream_task(
     *,
     app_label: str | None = None,
     last_event_id: str | None = None,
+    token: str | None = None,
     uds: str | None = None,
     reconnect_delay: float | None = None,
     max_reconnects: int | None = None,
@@ -125,7 +126,9 @@ async def stream_task(
 ) -> AsyncGenerator[StreamEvent, None]:
     """Yield a task's events from ``base_url`` (e.g. ``http://gateway:8001``) to its end.
 
-    ``last_event_id`` resumes after that event. ``uds`` connects to a gateway's unix socket
+    ``last_event_id`` resumes after that event. ``token`` is the stream token the application
+    issued (sent as ``Authorization: Bearer``; not needed when the gateways serve ``public``
+    streams). ``uds`` connects to a gateway's unix socket
     (``base_url`` then only names the host, e.g. ``http://gateway``); ``client`` is an httpx
     client to use instead of one of our own (its transport and timeouts apply; not with ``uds``).
     Between attempts the client waits ``reconnect_delay`` seconds if given, else the server's
@@ -145,6 +148,8 @@ async def stream_task(
     try:
         while True:
             headers = {"Accept": "text/event-stream"}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
             if position:
                 headers["Last-Event-ID"] = position
             status: int | None = None
@@ -211,6 +216,7 @@ def iter_task_events(
     *,
     app_label: str | None = None,
     last_event_id: str | None = None,
+    token: str | None = None,
     uds: str | None = None,
     reconnect_delay: float | None = None,
     max_reconnects: int | None = None,
@@ -226,6 +232,7 @@ def iter_task_events(
         task_id,
         app_label=app_label,
         last_event_id=last_event_id,
+        token=token,
         uds=uds,
         reconnect_delay=reconnect_delay,
         max_reconnects=max_reconnects,

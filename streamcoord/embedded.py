@@ -4,7 +4,9 @@ It listens on a unix socket in a private temporary directory (mode 0700: only th
 reach it; a loopback TCP port would let any local user read and write every task), so
 everything talks to it through a Redis URL like to a real Redis, and this user's other processes
 can use it too: the server writes its URL to a file (``Settings.embedded_url_file``, mode 0600)
-that they read. It keeps nothing on disk, and is no substitute for Redis in production.
+that they read. That file also carries the stream-token secret of the run (a new random one each
+time, unless ``STREAMCOORD_SECRET`` is set), so the project's commands mint tokens the serving
+process accepts. It keeps nothing on disk, and is no substitute for Redis in production.
 """
 
 from __future__ import annotations
@@ -12,23 +14,32 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
 import shutil
 import socket
 import socketserver
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 from .errors import ConfigurationError
 
 
+class Announcement(NamedTuple):
+    """What a serving process tells the project's other processes in the URL file."""
+
+    url: str
+    #: The stream-token secret the serving process checks tokens with.
+    secret: str
+
+
 class EmbeddedRedis:
     """A fakeredis server on a unix socket in a private directory, served by a daemon thread."""
 
-    def __init__(self, url_file: str = "") -> None:
+    def __init__(self, url_file: str = "", secret: str = "") -> None:
         self._directory = tempfile.mkdtemp(prefix="streamcoord-embedded-")  # mode 0700
         try:
             self._server = _unix_fake_server(os.path.join(self._directory, "redis.sock"))
@@ -36,11 +47,13 @@ class EmbeddedRedis:
             shutil.rmtree(self._directory, ignore_errors=True)
             raise
         self.url = f"unix://{self._server.server_address}?db=0"
+        #: Signs and checks this run's stream tokens (the configured secret, else a random one).
+        self.secret = secret or secrets.token_urlsafe(48)
         self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-redis", daemon=True)
         self._thread.start()
         self.url_file = Path(url_file) if url_file else None
         if self.url_file is not None:
-            _write_private(self.url_file, f"{self.url}\n{os.getpid()}\n")
+            _write_private(self.url_file, f"{self.url}\n{os.getpid()}\n{self.secret}\n")
 
     def close(self) -> None:
         if self.url_file is not None:
@@ -102,13 +115,13 @@ def _write_private(path: Path, content: str) -> None:
         raise
 
 
-def discover(url_file: str) -> str | None:
-    """The URL of an embedded server another local process announced, if it still answers."""
+def discover(url_file: str) -> Announcement | None:
+    """What an embedded server another local process announced, if it still answers."""
     if not url_file:
         return None
     try:
-        url = Path(url_file).read_text().split()[0]
-    except (OSError, IndexError):
+        url, _pid, secret = Path(url_file).read_text().split()[:3]
+    except (OSError, ValueError):
         return None
     try:
         client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
@@ -118,4 +131,4 @@ def discover(url_file: str) -> str | None:
             client.close()
     except redis.RedisError:
         return None
-    return url
+    return Announcement(url, secret)

@@ -3,8 +3,9 @@
 Routes::
 
     GET /stream/{Model}/{id}              a task's events (history, then live); starts a
-                                          pending task (lazy start)
+                                          pending task (lazy start) for a token that may
     GET /stream/{app_label}/{Model}/{id}  the same, naming the app
+    OPTIONS /stream/...                   a CORS preflight (``Settings.cors_origins``)
     GET /health                           200 "OK" while the process serves
     GET /ready                            200 "READY" when Redis answers and the reader runs, else 503
 
@@ -13,6 +14,9 @@ these paths answer 404)::
 
     GET /stats                            this process's listeners, streams and counters (JSON)
     GET /health                           200 "OK"
+
+A stream needs a stream token (``streamcoord.access``) unless ``stream_auth`` is ``public``: 401
+without a good one, 403 when it names other streams, both decided before any Redis lookup.
 
 Errors are plain text with a 4xx or 503 status; no response ever carries an exception's text,
 and none echoes more than a short excerpt of what the client sent. A method a route does not
@@ -33,7 +37,8 @@ import asgineer
 from asgineer import HttpRequest, _request
 from redis.exceptions import RedisError
 
-from . import sse
+from . import cors, sse
+from .access import CHALLENGE, Permit, Refusal, authorize, require_secret
 from .errors import InvalidEventId, InvalidTaskRef, UnknownTask
 from .eventlog import EventLog
 from .feed import Feed
@@ -70,6 +75,8 @@ FINISH_TIMEOUT = 1.0
 EXCERPT_CHARS = 100
 #: Methods of the read-only routes.
 READ_METHODS = ("GET", "HEAD")
+#: Methods of the stream route: reads, and CORS preflights.
+STREAM_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def text(status: int, body: str, headers: dict[str, str] | None = None) -> Response:
@@ -80,6 +87,19 @@ def text(status: int, body: str, headers: dict[str, str] | None = None) -> Respo
         "x-content-type-options": "nosniff",
     }
     return status, {**base, **(headers or {})}, body
+
+
+def with_headers(response: Response, extra: dict[str, str]) -> Response:
+    """``response`` with ``extra`` headers added (``Vary`` values joined, not replaced)."""
+    status, headers, body = response
+    return status, merge_headers(headers, extra), body
+
+
+def merge_headers(headers: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    merged = {**headers, **extra}
+    if "vary" in headers and "vary" in extra and headers["vary"] != extra["vary"]:
+        merged["vary"] = f"{headers['vary']}, {extra['vary']}"
+    return merged
 
 
 def method_not_allowed(allowed: tuple[str, ...]) -> Response:
@@ -118,6 +138,7 @@ class Gateway:
     def __init__(
         self, log: EventLog, hub: Hub, settings: Settings, extra_routes: ExtraRoutes | None = None
     ) -> None:
+        require_secret(settings)  # a token gateway without its key would refuse every client
         self.log = log
         self.hub = hub
         self.settings = settings
@@ -127,6 +148,7 @@ class Gateway:
         self.started = time.time()
         self._open_chunk = sse.OPEN_COMMENT + sse.encode_retry(settings.retry_ms)
         self._later_starts: dict[TaskRef, asyncio.Task[None]] = {}
+        self._cors_origins = settings.cors_origin_list
 
     def _start_after_grace(self, ref: TaskRef) -> None:
         """Another start is adding the task's job, or was cut off doing it: this client waits on
@@ -161,11 +183,16 @@ class Gateway:
 
     async def _route(self, request: HttpRequest) -> Response | None:
         path = request.path
-        read_only = path.startswith("/stream/") or path in ("/health", "/ready")
-        if read_only and request.method not in READ_METHODS:
-            return method_not_allowed(READ_METHODS)
         if path.startswith("/stream/"):
-            return await self._stream(request)
+            if request.method not in STREAM_METHODS:
+                return method_not_allowed(STREAM_METHODS)
+            cors_headers = cors.response_headers(self._cors_origins, request.headers)
+            if request.method == "OPTIONS":
+                return self._preflight(request)
+            response = await self._stream(request, cors_headers)
+            return None if response is None else with_headers(response, cors_headers)
+        if path in ("/health", "/ready") and request.method not in READ_METHODS:
+            return method_not_allowed(READ_METHODS)
         if path == "/health":
             return text(200, "OK")
         if path == "/ready":
@@ -175,6 +202,12 @@ class Gateway:
             if response is not None:
                 return response
         return text(404, "not found")
+
+    def _preflight(self, request: HttpRequest) -> Response:
+        headers = cors.preflight(self._cors_origins, request.headers)
+        if headers is None:
+            return text(403, "cross-origin reads from this origin are not allowed", {"vary": "Origin"})
+        return 204, {**headers, "cache-control": "no-store"}, b""
 
     def admin_asgi(self) -> Any:
         """The internal routes, for a listener only operators reach."""
@@ -210,7 +243,7 @@ class Gateway:
             **self.hub.stats,
         }
 
-    async def _stream(self, request: HttpRequest) -> Response | None:
+    async def _stream(self, request: HttpRequest, cors_headers: dict[str, str]) -> Response | None:
         parsed = parse_stream_path(request.path)
         if parsed is None:
             return text(404, "not found: use /stream/<Model>/<id> or /stream/<app>/<Model>/<id>")
@@ -220,8 +253,16 @@ class Gateway:
             return text(400, f"{excerpt(too_long)} is too long for an app label, model name or task id")
         try:
             TaskRef(app_label or "x", model, pk)  # shape check before any Redis lookup
+        except InvalidTaskRef as exc:
+            return text(400, str(exc))
+        # Who may read it, from the request alone: nothing below runs for a stranger, so no
+        # answer tells which tasks or models exist.
+        permit = authorize(self.settings, request.headers, request.querydict, app_label, model, pk)
+        if isinstance(permit, Refusal):
+            return self._refuse(permit)
+        try:
             resume = last_event_id(request)
-        except (InvalidTaskRef, InvalidEventId) as exc:
+        except InvalidEventId as exc:
             return text(400, str(exc))
         replay = request.querydict.get("replay", "all")
         if replay not in ("all", "latest"):
@@ -230,18 +271,27 @@ class Gateway:
         if resolved is None:
             return text(404, f"unknown model {excerpt(model)}")
         ref = TaskRef(resolved[0], resolved[1], pk)
+        if not permit.covers(ref):  # the token named another app's model of that name
+            return self._refuse(Refusal(403, "this stream token does not grant this stream"))
         try:
             feed = await Feed.open(self.log, self.hub, ref, last_id=resume, latest=replay == "latest")
         except UnknownTask:
             return text(404, f"unknown task {ref}")
         try:
-            return await self._serve(request, feed)
+            return await self._serve(request, feed, permit, cors_headers)
         finally:
             feed.close()  # a feed may listen from the start (attached to the hub's window)
 
-    async def _serve(self, request: HttpRequest, feed: Feed) -> Response | None:
+    @staticmethod
+    def _refuse(refusal: Refusal) -> Response:
+        challenge = {"www-authenticate": CHALLENGE} if refusal.status == 401 else {}
+        return text(refusal.status, refusal.message, challenge)
+
+    async def _serve(
+        self, request: HttpRequest, feed: Feed, permit: Permit, cors_headers: dict[str, str]
+    ) -> Response | None:
         ref = feed.ref
-        if feed.state is not None and feed.state.awaits_start and self.settings.lazy_start and request.method != "HEAD":
+        if feed.state is not None and feed.state.awaits_start and permit.start and request.method != "HEAD":
             # The predecessor's lazy start: the first client of a created task starts it. The
             # start is one atomic step, so clients racing through any gateways start it once.
             outcome = await self.jobs.start(ref, lazy=True)
@@ -252,7 +302,7 @@ class Gateway:
             return 200, SUMMARY_HEADERS, json.dumps(self._summary(feed))
         if feed.empty:
             return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
-        await request.accept(200, SSE_HEADERS)
+        await request.accept(200, merge_headers(SSE_HEADERS, cors_headers))
         if request.method == "HEAD":
             await request.send(b"", more=False)
             return None

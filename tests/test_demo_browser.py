@@ -46,8 +46,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     """``./run demo`` on ``--port 0``: migrate, then the embedded default (no Redis URL)."""
     project = Project(tmp_path_factory.mktemp("demo"))  # no redis_url: the embedded default
     project.manage("migrate", "--noinput", "-v", "0")
+    # The defaults, as ./run demo has them: streams need tokens, which the demo mints.
     server = project.start(
-        "demo", "runserver_stream", "--host", "127.0.0.1", "--port", "0", ready="listening on"
+        "demo", "runserver_stream", "--host", "127.0.0.1", "--port", "0", ready="listening on",
+        stream_auth="token",
     )
     try:
         found: list[str] = []

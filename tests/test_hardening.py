@@ -78,7 +78,8 @@ def test_gateway_command_refuses_a_file_at_its_socket_path(tmp_path: Path) -> No
     precious.write_text("keep me\n")
     result = subprocess.run(
         [sys.executable, "-m", "streamcoord", "gateway", "--socket", str(precious)],
-        cwd=REPO, env={"PATH": "/usr/bin:/bin", "STREAMCOORD_REDIS_URL": "redis://127.0.0.1:1/0"},
+        cwd=REPO, env={"PATH": "/usr/bin:/bin", "STREAMCOORD_REDIS_URL": "redis://127.0.0.1:1/0",
+                          "STREAMCOORD_STREAM_AUTH": "public"},
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 2, result.stderr
@@ -133,7 +134,8 @@ async def test_read_only_routes_answer_405_with_allow(gateway: Gateway, path: st
     async with _http(gateway) as client:
         answer = await client.request(method, path)
     assert answer.status_code == 405, answer.text
-    assert answer.headers["allow"] == "GET, HEAD"
+    # A stream also answers CORS preflights.
+    assert answer.headers["allow"] == ("GET, HEAD, OPTIONS" if path.startswith("/stream/") else "GET, HEAD")
     assert answer.headers["x-content-type-options"] == "nosniff"
 
 
@@ -320,7 +322,8 @@ def test_embedded_redis_listens_on_a_private_unix_socket(tmp_path: Path) -> None
         sock_path = Path(embedded.url.removeprefix("unix://").partition("?")[0])
         assert stat.S_ISSOCK(sock_path.stat().st_mode)
         assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o700
-        assert discover(str(url_file)) == embedded.url
+        announced = discover(str(url_file))
+        assert announced is not None and announced.url == embedded.url and announced.secret == embedded.secret
         first, second = (redis_sync.Redis.from_url(embedded.url) for _ in range(2))
         try:
             first.set("k", "v")

@@ -6,6 +6,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_app.coordinator import coordinator, find_model
+from streamcoord.errors import ConfigurationError
 
 
 class Command(BaseCommand):
@@ -40,6 +41,11 @@ class Command(BaseCommand):
         task = task_model.objects.create(**fields)
         ref = task.stream_ref
         line: dict[str, Any] = {"model": ref.model, "app_label": ref.app_label, "id": task.pk, "stream": task.stream_path}
+        try:
+            # The operator who created it may watch it, and start it by connecting.
+            line["stream_url"] = task.stream_url(start=True)
+        except ConfigurationError as exc:
+            self.stderr.write(f"no stream_url: {exc}")
         if start:
             outcome = coordinator.start_task_sync(task)
             line["started"] = outcome.queued
