@@ -12,9 +12,13 @@
   /ready, liveness /health. Shutdown timeouts (compose, Kubernetes, systemd) stay above the
   shutdown grace they wrap. The Kubernetes objects, the compose services and the nginx upstream
   refer to each other correctly.
-- The compose file's own migrate, gateway and worker commands, with its environment, run a
-  task end to end against a redis-server started with deploy/redis.conf, pass the compose
-  healthcheck, and stop on SIGTERM within their stop_grace_period.
+- Each role logs in to Redis as its own user of deploy/users.acl: compose's URLs, the
+  Kubernetes containers' Secret keys and the README's commands name the same users and
+  password variables as users.acl.
+- The compose file's own migrate, gateway and worker commands, with its environment and its
+  Redis URLs (each role its user), run a task end to end against a redis-server started with
+  deploy/redis.conf and users.acl, pass the compose healthchecks (Redis's and the gateway's),
+  and stop on SIGTERM within their stop_grace_period.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import io
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,13 +45,13 @@ from typing import Any
 import pytest
 import yaml
 from redis import Redis as SyncRedis
-from redis.exceptions import RedisError
 
 from streamcoord.cli import build_parser
 from streamcoord.client import iter_task_events
 from streamcoord.settings import Settings
 
 from .processes import REPO, wait_for
+from .test_redis_acl import USERS_ACL, acl_users, redis_url, redis_with_conf, write_acl
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -64,7 +70,16 @@ DJANGO_VARS = {"DJANGO_SETTINGS_MODULE"} | set(
     re.findall(r'os\.environ\.get\("(DJANGO_\w+)"', (REPO / "django_app/project/settings.py").read_text())
 )
 #: Other variables the files may set (Python's and pip's own, in the Dockerfile).
-OTHER_VARS = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+OTHER_VARS = {
+    "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK",
+    "REDISCLI_AUTH",  # redis-cli's password, for compose's Redis healthcheck
+}
+#: The Redis user (deploy/users.acl) each role's processes log in as.
+REDIS_USERS = {"gateway": "gateway", "worker": "worker", "migrate": "django"}
+#: Kubernetes: the Secret that holds each role's Redis URL, under the key ``<user>-url``.
+REDIS_SECRET = "streamcoord-redis"
+#: A compose variable: ``${NAME}``, ``${NAME:?message}``, ``${NAME:-default}``, ...
+COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?+])[^}]*)?\}")
 #: The fixed routes the gateway serves, read from its handler.
 GATEWAY_ROUTES = set(re.findall(r'path == "(/[^"]*)"', (REPO / "streamcoord/gateway.py").read_text()))
 #: Programs other than Python that runtime commands may run (the redis:7 image's, coreutils').
@@ -662,12 +677,18 @@ def test_kubernetes_objects_refer_to_each_other() -> None:
                     if "cpu" not in container.get("resources", {}).get("requests", {}):
                         problems.append(f"k8s/{path.name} HPA/{name}: container {container['name']} requests no CPU")
         if kind == "NetworkPolicy":
+            # Some rule admits every workload of these manifests to Redis's port.
+            admitted_to_redis: set[str] = set()
             for rule in doc["spec"].get("ingress", []):
+                if 6379 not in {port.get("port") for port in rule.get("ports", [])}:
+                    continue
                 for peer in rule.get("from", []):
                     labels = peer.get("podSelector", {}).get("matchLabels", {})
-                    admitted = [n for n, w in workloads.items() if labels.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
-                    if {"gateway", "worker"} - {n.split("-")[-1] for n in admitted}:
-                        problems.append(f"k8s/{path.name} NetworkPolicy/{name}: does not admit both gateways and workers ({admitted})")
+                    admitted_to_redis |= {
+                        n for n, w in workloads.items() if labels.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                    }
+            if missing := set(workloads) - admitted_to_redis:
+                problems.append(f"k8s/{path.name} NetworkPolicy/{name}: does not admit {sorted(missing)} to Redis (6379)")
         if kind == "PodDisruptionBudget":
             selector = doc["spec"]["selector"]["matchLabels"]
             if not any(selector.items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads.values()):
@@ -679,6 +700,82 @@ def test_kubernetes_objects_refer_to_each_other() -> None:
     for where, _doc, _spec, container in k8s_containers():
         if container["image"].split(":")[0] not in images:
             problems.append(f"{where}: image {container['image']} is not in kustomization.yaml's images")
+    assert not problems, "\n".join(problems)
+
+
+def compose_role_urls() -> dict[str, str]:
+    """Each compose role's STREAMCOORD_REDIS_URL (with its ``${...}`` uninterpolated); every
+    service of one role must have the same."""
+    urls: dict[str, set[str]] = {}
+    for service in load_compose()["services"].values():
+        if (kind := role(as_argv(service.get("command", [])))) is not None:
+            urls.setdefault(kind, set()).add(compose_env(service).get("STREAMCOORD_REDIS_URL", ""))
+    assert all(len(found) == 1 for found in urls.values()), urls
+    return {kind: found.pop() for kind, found in urls.items()}
+
+
+def password_variable(user: str) -> str:
+    """The variable that holds a Redis user's password (compose's .env, the README's script)."""
+    return f"REDIS_{user.upper()}_PASSWORD"
+
+
+def test_each_role_logs_in_to_redis_as_its_own_user() -> None:
+    """compose's URLs, the Kubernetes containers' Secret keys, the README's Secret and password
+    script, and compose's Redis healthcheck name users of users.acl, each role its own."""
+    users = set(acl_users(USERS_ACL.read_text()))
+    assert set(REDIS_USERS.values()) <= users
+    problems = []
+    # compose: a user in every role's URL, its password from a required variable, the host the
+    # Redis service, on redis.conf's port.
+    compose = load_compose()
+    port = re.search(r"^port\s+(\d+)", REDIS_CONF.read_text(), re.M)
+    assert port
+    for kind, url in compose_role_urls().items():
+        user = REDIS_USERS[kind]
+        expected = f"redis://{user}:${{{password_variable(user)}:?"
+        parts = re.match(r"redis://([^:@]+):(\$\{[^}]+\})@([\w.-]+):(\d+)/\d+$", url)
+        if not url.startswith(expected) or not parts:
+            problems.append(f"compose.yaml: the {kind} URL {url!r} should be {expected}...}}@<redis service>:<port>/<db>")
+        elif parts[3] not in compose["services"] or parts[4] != port[1]:
+            problems.append(f"compose.yaml: the {kind} URL names {parts[3]}:{parts[4]}, not the Redis service on port {port[1]}")
+    redis_service = next(s for s in compose["services"].values() if "redis-server" in as_argv(s.get("command", [])))
+    check = healthcheck_argv(redis_service["healthcheck"]["test"]) or []
+    if option(check, "--user") not in users or "-e" not in check:
+        problems.append(f"compose.yaml: the Redis healthcheck {check} must log in (--user) and fail on an error (-e)")
+    if compose_env(redis_service).get("REDISCLI_AUTH") != f"${{{password_variable(option(check, '--user') or '')}:?set it in deploy/.env}}":
+        problems.append("compose.yaml: the Redis healthcheck's password (REDISCLI_AUTH) is not its user's variable")
+    for name in {m[0] for m in COMPOSE_VARIABLE.findall(COMPOSE.read_text())} - {"STREAMCOORD_SECRET"}:
+        if not any(name == password_variable(user) for user in users):
+            problems.append(f"compose.yaml: ${{{name}}} is no user's password variable")
+    # Kubernetes: each container's URL from its role's key of the Secret, none in ConfigMaps.
+    keys = set()
+    for where, _doc, _spec, container in k8s_containers():
+        container_role = role([*container.get("command", []), *container.get("args", [])])
+        if container_role is None:
+            continue
+        env = {e["name"]: e for e in container.get("env", [])}
+        ref = env.get("STREAMCOORD_REDIS_URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        expected_ref = {"name": REDIS_SECRET, "key": f"{REDIS_USERS[container_role]}-url"}
+        if ref != expected_ref:
+            problems.append(f"{where}: STREAMCOORD_REDIS_URL must come from secretKeyRef {expected_ref}, not {ref}")
+        keys.add(expected_ref["key"])
+    for path, doc in k8s_documents():
+        if doc["kind"] == "ConfigMap" and "STREAMCOORD_REDIS_URL" in doc.get("data", {}):
+            problems.append(f"k8s/{path.name}: STREAMCOORD_REDIS_URL belongs in the Secret {REDIS_SECRET}, per role")
+    # README: the Secret it creates holds those keys, each a URL with its user.
+    text = README.read_text()
+    command = re.search(rf"kubectl create secret generic {REDIS_SECRET}((?:[^\n]*\\\n)*[^\n]*)", text)
+    literals = dict(re.findall(r"--from-literal=([\w-]+)=(\S+)", command[1])) if command else {}
+    if set(literals) != keys:
+        problems.append(f"README.md: kubectl create secret {REDIS_SECRET} sets {sorted(literals)}, the manifests read {sorted(keys)}")
+    for key, url in literals.items():
+        user = key.removesuffix("-url")
+        if not url.strip('"').startswith(f"redis://{user}:${password_variable(user)}@"):
+            problems.append(f"README.md: {REDIS_SECRET} {key} = {url}: not the {user} user and its password")
+    # README: the password script makes one password per user of users.acl (but default).
+    script = re.search(r"for user in ([\w ]+); do", text)
+    if not script or set(script[1].split()) != users - {"default"}:
+        problems.append(f"README.md: the password script's users {script and script[1]} are not users.acl's {sorted(users - {'default'})}")
     assert not problems, "\n".join(problems)
 
 
@@ -698,6 +795,9 @@ def test_compose_refers_to_files_and_services_that_exist() -> None:
                     problems.append(f"services.{name}: {source} does not exist")
                 if source == "./redis.conf" and not target.startswith(as_argv(service["command"])[1]):
                     problems.append(f"services.{name}: redis.conf is mounted where redis-server does not read it")
+                aclfile = re.search(r"^aclfile\s+(\S+)", REDIS_CONF.read_text(), re.M)
+                if source == "./users.acl" and (aclfile is None or not target.startswith(f"{aclfile[1]}:")):
+                    problems.append(f"services.{name}: users.acl is mounted at {target}, redis.conf reads {aclfile and aclfile[1]}")
             elif source not in (compose.get("volumes") or {}):
                 problems.append(f"services.{name}: volume {source} is not declared")
         for dependency in service.get("depends_on", {}):
@@ -772,32 +872,46 @@ def started(argv: list[str], env: dict[str, str], log: Path, ready: str) -> Iter
             process.wait(5)
 
 
+def interpolate(value: str, variables: Mapping[str, str]) -> str:
+    """A compose value with its ``${...}`` replaced as compose would, from ``variables``."""
+    return COMPOSE_VARIABLE.sub(lambda match: variables[match[1]], value)
+
+
+def on_socket(url: str, sock: Path) -> str:
+    """A ``redis://user:password@host:port/db`` URL moved to the unix socket ``sock``."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.username and parts.password, f"{url}: no user or password"
+    return f"{redis_url(sock, parts.username, parts.password)}?db={parts.path.strip('/') or 0}"
+
+
 @pytest.mark.system
 def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
-    """redis-server with deploy/redis.conf (only where it listens and writes changed), then the
-    compose file's migrate, gateway (on a port the kernel picks) and worker commands with the
-    compose environment: a task runs, a client gets its events through the gateway, the
-    gateway's healthcheck command passes, and both stop on SIGTERM within their
-    stop_grace_period."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run the tests with ./run test")
-    sock = tmp_path / "redis.sock"
-    redis = subprocess.Popen(
-        [binary, str(REDIS_CONF), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--dir", str(tmp_path), "--logfile", str(tmp_path / "redis.log")],
-    )
-    try:
-        with SyncRedis(unix_socket_path=str(sock), decode_responses=True) as client:
-            def answers() -> bool:
-                try:
-                    return bool(client.ping())
-                except RedisError:
-                    return False
-
-            wait_for(answers, 10, "redis-server with deploy/redis.conf to answer PING")
-            config = client.config_get("*")
+    """redis-server with deploy/redis.conf and users.acl (passwords set; only where it listens,
+    writes and finds the ACL changed), then compose's Redis healthcheck and the compose file's
+    migrate, gateway (on a port the kernel picks) and worker commands with the compose
+    environment, each with its compose URL (moved to the socket): a task runs, a client gets
+    its events through the gateway, the gateway's healthcheck command passes, and both stop on
+    SIGTERM within their stop_grace_period."""
+    aclfile, passwords = write_acl(tmp_path)
+    variables = {password_variable(user): password for user, password in passwords.items()}
+    variables["STREAMCOORD_SECRET"] = secrets.token_hex(32)
+    with redis_with_conf(tmp_path, aclfile) as sock:
+        with SyncRedis.from_url(redis_url(sock, "admin", passwords["admin"]), decode_responses=True) as admin:
+            config = admin.config_get("*")
         assert (config["appendonly"], config["appendfsync"], config["maxmemory-policy"]) == ("yes", "everysec", "noeviction")
+
+        redis_service = next(s for s in load_compose()["services"].values() if "redis-server" in as_argv(s.get("command", [])))
+        check = healthcheck_argv(redis_service["healthcheck"]["test"])
+        assert check and check[0] == "redis-cli"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REDISCLI_")}
+        env.update({k: interpolate(v, variables) for k, v in compose_env(redis_service).items()})
+        answer = subprocess.run([check[0], "-s", str(sock), *check[1:]], env=env, capture_output=True, text=True, timeout=30, check=False)
+        assert (answer.returncode, answer.stdout.strip()) == (0, "PONG"), answer
+        env["REDISCLI_AUTH"] = "wrong"
+        answer = subprocess.run([check[0], "-s", str(sock), *check[1:]], env=env, capture_output=True, text=True, timeout=30, check=False)
+        assert answer.returncode != 0, f"the Redis healthcheck passes with a wrong password: {answer}"
+        with SyncRedis.from_url(redis_url(sock, "admin", passwords["admin"])) as admin:
+            admin.acl_log_reset()  # that refusal was the test's own
 
         services = load_compose()["services"]
 
@@ -806,8 +920,8 @@ def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
             argv = as_argv(svc["command"])
             assert argv[0] == "python"
             env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMCOORD_", "DJANGO_"))}
-            env.update(compose_env(svc))
-            env["STREAMCOORD_REDIS_URL"] = f"unix://{sock}"
+            env.update({k: interpolate(v, variables) for k, v in compose_env(svc).items()})
+            env["STREAMCOORD_REDIS_URL"] = on_socket(env["STREAMCOORD_REDIS_URL"], sock)
             env["DJANGO_DB_PATH"] = str(tmp_path / "db.sqlite3")
             env["STREAMCOORD_EMBEDDED_URL_FILE"] = str(tmp_path / "embedded.url")
             return name, svc, [sys.executable, *argv[1:]], env
@@ -836,12 +950,16 @@ def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
             with urllib.request.urlopen(f"{base}/ready", timeout=5) as reply:
                 assert reply.read() == b"READY"
 
+            # As README.md runs it: in the migrate service, as Django's user.
             created = subprocess.run(
                 [sys.executable, "manage.py", "create_task", "ProgressTask", "--set", "steps=3", "--set", "delay=0", "--start"],
-                cwd=REPO, env=worker_env, capture_output=True, text=True, timeout=60, check=True,
+                cwd=REPO, env=migrate_env, capture_output=True, text=True, timeout=60, check=True,
             )
             task = json.loads(created.stdout.strip().splitlines()[-1])
-            types = [event.event for event in iter_task_events(base, task["model"], task["id"], max_reconnects=3)]
+            # The token create_task signed with the secret the gateway checks.
+            token = urllib.parse.parse_qs(urllib.parse.urlsplit(task["stream_url"]).query)["token"][0]
+            events = iter_task_events(base, task["model"], task["id"], max_reconnects=3, token=token)
+            types = [event.event for event in events]
             assert types[0] == "start" and types[-1] == "complete" and types.count("progress") == 3, types
 
             for process, svc, name in ((wk, worker_service, "worker"), (gw, gateway_service, "gateway")):
@@ -851,10 +969,5 @@ def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
                 except subprocess.TimeoutExpired:
                     pytest.fail(f"the {name} did not stop within its stop_grace_period after SIGTERM")
                 assert code == 0, f"the {name} exited with {code} on SIGTERM"
-    finally:
-        redis.terminate()
-        try:
-            redis.wait(10)
-        except subprocess.TimeoutExpired:
-            redis.kill()
-            redis.wait(5)
+        with SyncRedis.from_url(redis_url(sock, "admin", passwords["admin"]), decode_responses=True) as admin:
+            assert admin.acl_log() == [], "Redis refused a compose role a command"
