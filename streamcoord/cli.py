@@ -23,6 +23,32 @@ def _add_bind_options(parser: argparse.ArgumentParser, default_socket: str | Non
     )
 
 
+def add_admin_options(parser: argparse.ArgumentParser) -> None:
+    """The admin listener's options (``/stats``; never on the public socket or port)."""
+    parser.add_argument(
+        "--admin-socket", default=None, help="unix socket path of the admin listener (GET /stats); none by default"
+    )
+    parser.add_argument(
+        "--admin-port", type=int, default=None,
+        help="TCP port of the admin listener instead (0 lets the kernel pick); none by default",
+    )
+    parser.add_argument(
+        "--admin-host", default=None, help="TCP host of the admin listener (default 127.0.0.1; with --admin-port)"
+    )
+
+
+def admin_target(args: argparse.Namespace) -> dict[str, object]:
+    """Where the admin listener listens: --admin-socket wins; --admin-port means TCP on
+    --admin-host (127.0.0.1 by default); neither means no admin listener."""
+    if args.admin_socket:
+        return {"admin_socket_path": args.admin_socket}
+    if args.admin_port is not None:
+        return {"admin_host": args.admin_host or "127.0.0.1", "admin_port": args.admin_port}
+    if args.admin_host is not None:
+        raise ConfigurationError("--admin-host needs --admin-port (or use --admin-socket)")
+    return {}
+
+
 def bind_target(args: argparse.Namespace, default_socket: str | None) -> dict[str, object]:
     """Where to listen: --socket wins; --host/--port mean TCP; neither means the default."""
     if args.socket:
@@ -41,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gateway", help="serve task streams over SSE (stateless; STREAMCOORD_REDIS_URL names Redis)"
     )
     _add_bind_options(gateway, DEFAULT_SOCKET)
+    add_admin_options(gateway)
     return parser
 
 
@@ -56,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         from .server import serve
 
-        runtime.run(serve(settings, **bind_target(args, DEFAULT_SOCKET)))  # type: ignore[arg-type]
+        target = {**bind_target(args, DEFAULT_SOCKET), **admin_target(args)}
+        runtime.run(serve(settings, **target))  # type: ignore[arg-type]
     except StreamcoordError as exc:
         print(f"streamcoord: {exc}", file=sys.stderr)
         return 2

@@ -24,12 +24,15 @@ from .connection import RedisFactory
 from .errors import ConfigurationError
 from .eventlog import EventLog
 from .gateway import ExtraRoutes, Gateway
+from .guard import guarded_protocol
 from .hub import Hub
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
+#: Seconds the admin listener gets to stop once the public one is done (its requests are short).
+ADMIN_STOP_SECONDS = 5.0
 
 
 class _IncompleteResponseFilter(logging.Filter):
@@ -40,10 +43,13 @@ class _IncompleteResponseFilter(logging.Filter):
         return "returned without completing response" not in record.getMessage()
 
 
-def bind(host: str | None, port: int | None, socket_path: str | None) -> socket.socket:
-    """A listening socket: a unix socket at ``socket_path``, else TCP ``host:port``."""
+def bind(
+    host: str | None, port: int | None, socket_path: str | None, option: str = "--socket"
+) -> socket.socket:
+    """A listening socket: a unix socket at ``socket_path``, else TCP ``host:port``. ``option``
+    names the socket's command-line option in errors."""
     if socket_path:
-        remove_stale_socket(socket_path)
+        remove_stale_socket(socket_path, option)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)  # never world-writable, not even for a moment
         try:
@@ -61,7 +67,7 @@ def bind(host: str | None, port: int | None, socket_path: str | None) -> socket.
     return sock
 
 
-def remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str, option: str = "--socket") -> None:
     """Clear ``path`` for a new unix socket: remove a socket nobody listens on any more (left by
     a server that died), and refuse anything else, so a mistyped ``--socket`` never deletes a
     file, and a second server never steals a live one's socket."""
@@ -72,7 +78,7 @@ def remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         kind = "directory" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode) else "file"
         raise ConfigurationError(
-            f"--socket {path}: a {kind} is there, not a unix socket; refusing to replace it "
+            f"{option} {path}: a {kind} is there, not a unix socket; refusing to replace it "
             "(choose another path, or remove it yourself)"
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -88,7 +94,7 @@ def remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise ConfigurationError(
-        f"--socket {path}: another server is listening there (or it cannot be checked); "
+        f"{option} {path}: another server is listening there (or it cannot be checked); "
         "refusing to replace it (stop that server, or choose another path)"
     )
 
@@ -153,34 +159,108 @@ async def gateway_parts(
         await redis.aclose()
 
 
+class _AdminServer(uvicorn.Server):
+    """The admin listener's server. It leaves the signals to the public server's, and stops
+    when :func:`serve` tells it to (after the public one)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen(
+    sockets: contextlib.ExitStack, host: str | None, port: int | None, socket_path: str | None, option: str
+) -> socket.socket:
+    """``bind``, and close the socket (and remove a unix socket's file) when ``sockets`` closes."""
+    sock = bind(host, port, socket_path, option)
+
+    def close() -> None:
+        sock.close()
+        if socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
+
+    sockets.callback(close)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def _admin_listener(
+    admin: _AdminServer | None, sock: socket.socket | None, public: _Server
+) -> AsyncIterator[None]:
+    """Runs the admin server beside the public one, and stops it once the public one is done.
+    If it stops by itself (it failed), it stops the gateway too: an operator relies on it."""
+    if admin is None or sock is None:
+        yield
+        return
+
+    def ended(task: asyncio.Task[None]) -> None:
+        if not public.should_exit:
+            error = None if task.cancelled() else task.exception()
+            log.error("the admin listener stopped (%r); stopping the gateway", error)
+            public.handle_exit(signal.SIGTERM, None)
+
+    task = asyncio.create_task(admin.serve(sockets=[sock]), name="admin listener")
+    task.add_done_callback(ended)
+    try:
+        yield
+    finally:
+        admin.should_exit, admin.force_exit = True, public.force_exit
+        try:
+            await asyncio.wait_for(task, timeout=ADMIN_STOP_SECONDS)
+        except TimeoutError:
+            log.warning("the admin listener did not stop within %s s; cancelled", ADMIN_STOP_SECONDS)
+        except Exception:
+            log.exception("the admin listener failed")
+
+
 async def serve(
     settings: Settings,
     *,
     host: str | None = None,
     port: int | None = None,
     socket_path: str | None = None,
+    admin_host: str | None = None,
+    admin_port: int | None = None,
+    admin_socket_path: str | None = None,
     factory: RedisFactory | None = None,
     extra_routes: ExtraRoutes | None = None,
     announce: str = "streamcoord gateway listening on {url}",
+    admin_announce: str = "streamcoord admin on {url}",
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then end open streams within the grace period."""
-    sock = bind(host, port, socket_path)
-    logging.getLogger("uvicorn.error").addFilter(_IncompleteResponseFilter())
-    async with gateway_parts(settings, factory, extra_routes) as gateway:
-        config = uvicorn.Config(
-            gateway.asgi(),
-            lifespan="off",
-            access_log=False,
-            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
-            log_level="info",
-        )
-        server = _Server(config, gateway.hub)
-        # A line tests and operators can wait for; the port is the real one even for port 0.
-        print(announce.format(url=describe(sock)), file=sys.stderr, flush=True)
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            sock.close()
-            if socket_path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(socket_path)
+    """Serve until SIGTERM/SIGINT, then end open streams within the grace period.
+
+    With ``admin_socket_path`` (or ``admin_port``: TCP on ``admin_host``, default 127.0.0.1)
+    a second listener serves the internal routes (``/stats``), which the public one never
+    does; without, there is none."""
+    with contextlib.ExitStack() as sockets:
+        sock = _listen(sockets, host, port, socket_path, "--socket")
+        admin_sock = None
+        if admin_socket_path or admin_port is not None:
+            admin_sock = _listen(sockets, admin_host, admin_port, admin_socket_path, "--admin-socket")
+        logging.getLogger("uvicorn.error").addFilter(_IncompleteResponseFilter())
+        async with gateway_parts(settings, factory, extra_routes) as gateway:
+            # Limits on request heads and connections (streamcoord.guard), on the same
+            # httptools parser uvicorn would pick.
+            protocol = guarded_protocol(settings)
+            config = uvicorn.Config(
+                gateway.asgi(),
+                lifespan="off",
+                access_log=False,
+                timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
+                log_level="info",
+                http=protocol,
+            )
+            server = _Server(config, gateway.hub)
+            admin = None
+            if admin_sock is not None:
+                admin = _AdminServer(uvicorn.Config(
+                    gateway.admin_asgi(), lifespan="off", access_log=False,
+                    timeout_graceful_shutdown=1, log_level="info", http=protocol,
+                ))
+                print(admin_announce.format(url=describe(admin_sock)), file=sys.stderr, flush=True)
+            # A line tests and operators can wait for (last: both listeners are bound by then);
+            # the port is the real one even for port 0.
+            print(announce.format(url=describe(sock)), file=sys.stderr, flush=True)
+            async with _admin_listener(admin, admin_sock, server):
+                await server.serve(sockets=[sock])

@@ -86,6 +86,8 @@ class Gateway:
     socket: Path
     process: subprocess.Popen[bytes]
     log: Path
+    #: The admin listener's socket (``GET /stats``), when the process has one.
+    admin_socket: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -107,6 +109,7 @@ class Gateway:
 
 def start_gateway(directory: Path, redis_url: str, name: str = "gw", **settings: Any) -> Gateway:
     sock = directory / f"{name}.sock"
+    admin = directory / f"{name}.admin.sock"
     log = directory / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCOORD_")}
     env["STREAMCOORD_REDIS_URL"] = redis_url
@@ -114,10 +117,10 @@ def start_gateway(directory: Path, redis_url: str, name: str = "gw", **settings:
     env.update({f"STREAMCOORD_{k.upper()}": str(v) for k, v in settings.items()})
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamcoord", "gateway", "--socket", str(sock)],
+            [sys.executable, "-m", "streamcoord", "gateway", "--socket", str(sock), "--admin-socket", str(admin)],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-    gateway = Gateway(sock, process, log)
+    gateway = Gateway(sock, process, log, admin)
 
     def listening() -> bool:
         if process.poll() is not None:
@@ -207,9 +210,12 @@ class Project:
         return handle
 
     def gateway(self, name: str = "gw", **settings: Any) -> Gateway:
-        """``runserver_stream --socket`` (a stateless gateway when redis_url is set)."""
-        return self.start(name, "runserver_stream", "--socket", str(self.directory / f"{name}.sock"),
-                          ready="listening on", **settings)
+        """``runserver_stream --socket --admin-socket`` (a stateless gateway when redis_url is set)."""
+        admin = self.directory / f"{name}.admin.sock"
+        handle = self.start(name, "runserver_stream", "--socket", str(self.directory / f"{name}.sock"),
+                            "--admin-socket", str(admin), ready="listening on", **settings)
+        handle.admin_socket = admin
+        return handle
 
     def worker(self, name: str = "worker", concurrency: int = 20, **settings: Any) -> Gateway:
         return self.start(name, "runworker", "--concurrency", str(concurrency), ready="started", **settings)

@@ -24,16 +24,17 @@ pytestmark = pytest.mark.system
 JOB = TaskRef("shop", "Job", "1")
 
 
-def http(gateway: Gateway) -> httpx.AsyncClient:
+def http(gateway: Gateway, admin: bool = False) -> httpx.AsyncClient:
+    """A client of the gateway's public socket, or of its admin listener's (``/stats``)."""
     return httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket)),
+        transport=httpx.AsyncHTTPTransport(uds=str(gateway.admin_socket if admin else gateway.socket)),
         base_url="http://gateway",
         timeout=10,
     )
 
 
 async def stats(gateway: Gateway) -> dict[str, Any]:
-    async with http(gateway) as client:
+    async with http(gateway, admin=True) as client:
         return (await client.get("/stats")).json()  # type: ignore[no-any-return]
 
 
@@ -74,8 +75,8 @@ async def test_health_ready_stats_and_unknown_paths(gateway: Gateway) -> None:
             "text/plain; charset=utf-8",
         )
         assert (await client.get("/ready")).text == "READY"
-        assert (await client.get("/stats")).json()["listeners"] == 0
-        for path in ("/", "/nope", "/stream", "/stream/", "/stream/a/b/c/d"):
+        assert (await stats(gateway))["listeners"] == 0  # on the admin listener only
+        for path in ("/", "/nope", "/stream", "/stream/", "/stream/a/b/c/d", "/stats"):
             assert (await client.get(path)).status_code == 404, path
         assert (await client.post("/stream/Job/1")).status_code == 405
 

@@ -12,7 +12,8 @@ comes from the config's own ``proxy_buffering off``, not from the gateways' head
 1. 300 clients on 30 tasks, through nginx to three gateways; ``kill -9`` of one mid-stream:
    its clients resume through nginx with Last-Event-ID on the others, and every client ends
    with the exact sequence; nobody else is disturbed.
-2. The rendered config passes ``nginx -t``; /health and /ready pass through, /stats does not;
+2. The rendered config passes ``nginx -t``; /health and /ready pass through, /stats does not
+   (the gateways serve it on their admin listeners only, which nginx never names);
    a live event reaches the client while the stream stays open.
 3. Backpressure: a client that stops reading is cut by its gateway, because unbuffered nginx
    reads only as fast as the client does. (nginx 1.22 passes small chunks on promptly even
@@ -445,8 +446,8 @@ async def test_a_client_that_stops_reading_is_cut_by_its_gateway_not_spooled_by_
         client: RawSSE = await sse(nginx.socket, created["stream"], rcvbuf=4096)
         assert client.status == 200  # ... and never reads again
 
-        async with httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket)), base_url="http://gw", timeout=10
+        async with httpx.AsyncClient(  # /stats: on the gateway's admin listener
+            transport=httpx.AsyncHTTPTransport(uds=str(gateway.admin_socket)), base_url="http://gw", timeout=10
         ) as direct:
             deadline = time.monotonic() + 30
             while True:

@@ -240,7 +240,9 @@ def project_on(directory: Path, redis_url: str) -> Iterator[Project]:
 
 
 async def gateway_stats(gateway: Gateway) -> dict[str, Any]:
-    transport = httpx.AsyncHTTPTransport(uds=str(gateway.socket))
+    """The gateway's ``/stats``, from its admin listener (the public socket has none)."""
+    assert gateway.admin_socket is not None, "the gateway was started without --admin-socket"
+    transport = httpx.AsyncHTTPTransport(uds=str(gateway.admin_socket))
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=10) as client:
         return (await client.get("/stats")).json()
 

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django_app import conf
 from django_app.coordinator import coordinator
 from streamcoord import runtime
-from streamcoord.cli import DEFAULT_SOCKET, bind_target
+from streamcoord.cli import DEFAULT_SOCKET, add_admin_options, admin_target, bind_target
 from streamcoord.embedded import EmbeddedRedis
 from streamcoord.errors import ConfigurationError
 from streamcoord.server import serve
@@ -32,9 +32,14 @@ class Command(BaseCommand):
         parser.add_argument("--socket", default=None, help=f"unix socket path (default {DEFAULT_SOCKET})")
         parser.add_argument("--host", default=None, help="TCP host (with --port)")
         parser.add_argument("--port", type=int, default=None, help="TCP port; 0 lets the kernel pick")
+        add_admin_options(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        target = bind_target(argparse.Namespace(**options), DEFAULT_SOCKET)
+        namespace = argparse.Namespace(**options)
+        try:
+            target = {**bind_target(namespace, DEFAULT_SOCKET), **admin_target(namespace)}
+        except ConfigurationError as exc:
+            raise CommandError(str(exc)) from None
         settings = conf.get_settings()
         embedded = None
         if not settings.redis_url:

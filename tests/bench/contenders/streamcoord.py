@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import UnixDomainSocketConnection
 
@@ -32,13 +33,41 @@ DEFAULT_QUEUE_SIZE = 10_000
 PUBLISH_CONNECTIONS = 16
 
 
+class GatewayApp(ServedApp):
+    """The gateway as a served app. Its ``/stats`` (what ``wait_for_listeners`` and
+    ``server_counters`` read) is on its admin listener only, so the suite's GETs go there."""
+
+    def __init__(self, socket: Path, admin_socket: Path, argv: list[str]) -> None:
+        super().__init__("streamcoord gateway", socket, argv)
+        self.admin_socket = admin_socket
+        self._admin: httpx.AsyncClient | None = None
+
+    async def start(self, env: dict[str, str] | None = None) -> None:
+        await super().start(env)
+        transport = httpx.AsyncHTTPTransport(uds=str(self.admin_socket))
+        self._admin = httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=30)
+
+    async def get(self, path: str) -> dict[str, Any]:
+        assert self._admin is not None
+        response = await self._admin.get(path)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def stop(self) -> None:
+        if self._admin is not None:
+            await self._admin.aclose()
+            self._admin = None
+        await super().stop()
+
+
 class Streamcoord:
     name = "streamcoord"
 
     def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
         self.queue_size = queue_size
         self.redis_server: RedisServer | None = None
-        self.gateway: ServedApp | None = None
+        self.gateway: GatewayApp | None = None
         self.redis: Redis | None = None
         self.log: EventLog | None = None
         self.writers: dict[int, TaskWriter] = {}
@@ -48,8 +77,9 @@ class Streamcoord:
         self.redis_server = await RedisServer(workdir / "redis").start()
         url = self.redis_server.url
         socket = make_dir(workdir) / "gw.sock"
-        self.gateway = ServedApp("streamcoord gateway", socket, python_argv(
-            "streamcoord", "gateway", "--socket", str(socket)
+        admin = socket.with_name("gw.admin.sock")
+        self.gateway = GatewayApp(socket, admin, python_argv(
+            "streamcoord", "gateway", "--socket", str(socket), "--admin-socket", str(admin)
         ))
         await self.gateway.start(clean_env(
             STREAMCOORD_REDIS_URL=url, STREAMCOORD_CLIENT_QUEUE_SIZE=str(self.queue_size),

@@ -19,7 +19,8 @@ How
     gateway --socket``) with ``STREAMCOORD_LAZY_START=0``, so connecting to a pending task does
     not start it and the clock measures ``start_task`` alone. The measuring child (this module
     with ``--child``: Django set up, on uvloop) creates the rows, connects a raw HTTP/1.1 SSE
-    client over the gateway's unix socket, waits until the gateway's ``/stats`` shows it
+    client over the gateway's unix socket, waits until the gateway's ``/stats`` (on its admin
+    socket, ``--admin-socket``) shows it
     listening, starts the task, and reads until the first ``id:`` line; it prints JSON.
 
 Run alone: ``.venv/bin/python -m tests.bench.scenarios.dispatch [--quick]``.
@@ -95,8 +96,14 @@ async def start_worker(env: dict[str, str], name: str, track: list[Child], concu
 
 
 async def start_gateway(directory: Path, env: dict[str, str], name: str, track: list[Child]) -> Child:
-    argv = python_argv("streamcoord", "gateway", "--socket", str(directory / f"{name}.sock"))
+    argv = python_argv("streamcoord", "gateway", "--socket", str(directory / f"{name}.sock"),
+                       "--admin-socket", str(admin_socket(directory, name)))
     return await start_child(name, argv, env, "listening on", track)
+
+
+def admin_socket(directory: Path, name: str) -> Path:
+    """Where ``start_gateway`` puts the gateway's admin listener (its ``/stats``)."""
+    return directory / f"{name}.admin.sock"
 
 
 async def start_together(*starts: Coroutine[Any, Any, Child]) -> list[Child]:
@@ -183,7 +190,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     keys = KeySpace(os.environ.get("STREAMCOORD_KEY_PREFIX", "sc"))
     redis = Redis.from_url(os.environ["STREAMCOORD_REDIS_URL"])
-    transport = httpx.AsyncHTTPTransport(uds=args.gateway_socket)
+    transport = httpx.AsyncHTTPTransport(uds=args.gateway_admin_socket)  # /stats
     http = httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=10)
     await coordinator.register_models()  # the gateway must know the model before the first GET
 
@@ -332,7 +339,8 @@ async def run(ctx: Context) -> list[Row]:
         )
         argv = [
             *python_argv("tests.bench.scenarios.dispatch"), "--child",
-            "--gateway-socket", str(directory / "gw.sock"), "--samples", str(samples),
+            "--gateway-socket", str(directory / "gw.sock"),
+            "--gateway-admin-socket", str(admin_socket(directory, "gw")), "--samples", str(samples),
             "--tasks", str(tasks), "--worker-pid", str(worker.pid), "--redis-pid", str(redis.pid),
             "--gateway-pid", str(gateway.pid), "--throughput-limit", "60",
         ]
@@ -373,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="the small, short mode")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gateway-socket", help=argparse.SUPPRESS)
+    parser.add_argument("--gateway-admin-socket", help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=200, help=argparse.SUPPRESS)
     parser.add_argument("--tasks", type=int, default=1000, help=argparse.SUPPRESS)
     parser.add_argument("--worker-pid", type=int, default=0, help=argparse.SUPPRESS)

@@ -17,10 +17,10 @@ How
     off so no client starts a task) and two workers, all at once. A driver child (this module
     with ``--driver create``) creates the rows; one load-client child (``--client``) opens the
     connections, raw HTTP/1.1 over the gateways' unix sockets, de-chunked and parsed by hand;
-    once both gateways' ``/stats`` count every listener, the driver (``--driver start``) starts
-    every task at once with ``coordinator.start_task``. The load client prints its report as
-    JSON when every stream ended. CPU comes from /proc, sampled every 0.2 s and interpolated to
-    the delivery window.
+    once both gateways' ``/stats`` (on their admin sockets) count every listener, the driver
+    (``--driver start``) starts every task at once with ``coordinator.start_task``. The load
+    client prints its report as JSON when every stream ended. CPU comes from /proc, sampled
+    every 0.2 s and interpolated to the delivery window.
 
 Run alone: ``.venv/bin/python -m tests.bench.scenarios.scale [--quick]``.
 """
@@ -44,6 +44,7 @@ from ..sampler import ProcSampler
 from ..sseclient import SseConnection, build_request
 from . import Context, Row
 from .dispatch import (
+    admin_socket,
     migrate,
     project_env,
     start_gateway,
@@ -277,8 +278,9 @@ async def run(ctx: Context) -> list[Row]:
         client = await Child.spawn("client", client_argv, report=True, env=env)
         procs.append(client)
         client_task = asyncio.create_task(run_json_child(client, max_seconds + 30))
+        admins = [str(admin_socket(directory, name)) for name in ("gw1", "gw2")]  # their /stats
         http = [httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=s), base_url="http://gateway",
-                                  timeout=10) for s in sockets]
+                                  timeout=10) for s in admins]
         async with asyncio.timeout(60):
             while await total_listeners(http) < shape.clients:
                 if client_task.done():
