@@ -7,6 +7,7 @@ import logging
 import sys
 
 from . import runtime
+from .access import require_secret
 from .errors import ConfigurationError, StreamcoordError
 from .settings import Settings
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 "a gateway needs STREAMCOORD_REDIS_URL (for the embedded default, run "
                 "`manage.py runserver_stream` with nothing configured)"
             )
+        require_secret(settings)  # before connecting anywhere
         from .server import serve
 
         target = {**bind_target(args, DEFAULT_SOCKET), **admin_target(args)}

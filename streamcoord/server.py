@@ -250,13 +250,16 @@ async def serve(
                 timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
                 log_level="info",
                 http=protocol,
+                # No websockets: an upgrade request is served as the plain GET it also is
+                # (with them, uvicorn hands our HTTP handler a websocket scope: tracebacks).
+                ws="none",
             )
             server = _Server(config, gateway.hub)
             admin = None
             if admin_sock is not None:
                 admin = _AdminServer(uvicorn.Config(
                     gateway.admin_asgi(), lifespan="off", access_log=False,
-                    timeout_graceful_shutdown=1, log_level="info", http=protocol,
+                    timeout_graceful_shutdown=1, log_level="info", http=protocol, ws="none",
                 ))
                 print(admin_announce.format(url=describe(admin_sock)), file=sys.stderr, flush=True)
             # A line tests and operators can wait for (last: both listeners are bound by then);

@@ -180,9 +180,9 @@ class Project:
             raise RuntimeError(f"manage.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
-    def create_task(self, model: str, *fields: str, start: bool = False) -> dict[str, Any]:
+    def create_task(self, model: str, *fields: str, start: bool = False, **settings: Any) -> dict[str, Any]:
         args = ["create_task", model, *(f"--set={f}" for f in fields)] + (["--start"] if start else [])
-        return json.loads(self.manage(*args).strip().splitlines()[-1])  # type: ignore[no-any-return]
+        return json.loads(self.manage(*args, **settings).strip().splitlines()[-1])  # type: ignore[no-any-return]
 
     def start(self, name: str, *args: str, ready: str, **settings: Any) -> Gateway:
         """Start ``manage.py <args>`` in the background; wait for ``ready`` in its output."""

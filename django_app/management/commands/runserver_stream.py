@@ -43,8 +43,8 @@ class Command(BaseCommand):
         settings = conf.get_settings()
         embedded = None
         if not settings.redis_url:
-            embedded = EmbeddedRedis(settings.embedded_url_file)
-            conf.use_redis_url(embedded.url)
+            embedded = EmbeddedRedis(settings.embedded_url_file, settings.secret)
+            conf.use_embedded(embedded.url, embedded.secret)
             settings = conf.get_settings()
         try:
             runtime.run(self._serve(settings, target, embedded is not None))
