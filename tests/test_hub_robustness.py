@@ -109,7 +109,7 @@ def test_skip_log_names_each_kind_once_per_stream(caplog: pytest.LogCaptureFixtu
 async def fake_hub() -> AsyncIterator[Hub]:
     server = fakeredis.FakeServer()
     reader, redis = fakeredis.FakeAsyncRedis(server=server), fakeredis.FakeAsyncRedis(server=server)
-    hub = Hub(reader, redis, Settings(block_ms=50, heartbeat_seconds=60))
+    hub = Hub(reader, redis, Settings(block_ms=50, heartbeat_seconds=60, stream_auth="public"))
     yield hub
     await hub.stop()
     await reader.aclose()
