@@ -22,6 +22,7 @@ from streamcoord.ids import EventId
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.registry import register_models
 from streamcoord.settings import Settings
+from streamcoord.tokens import mint
 
 from ..pacing import APP, MODEL, event_count, paced
 from ..procs import RedisServer, clean_env, make_dir, python_argv
@@ -31,6 +32,9 @@ from .served import ServedApp
 DEFAULT_QUEUE_SIZE = 10_000
 #: The suite's own connections to Redis, for publishing.
 PUBLISH_CONNECTIONS = 16
+#: The gateway runs the default access mode: each client's path carries a token for its stream.
+SECRET = "bench-secret-" + "b" * 40
+TOKEN_SECONDS = 3600
 
 
 class GatewayApp(ServedApp):
@@ -84,6 +88,7 @@ class Streamcoord:
         await self.gateway.start(clean_env(
             STREAMCOORD_REDIS_URL=url, STREAMCOORD_CLIENT_QUEUE_SIZE=str(self.queue_size),
             STREAMCOORD_LAZY_START="0",
+            STREAMCOORD_SECRET=SECRET,  # the default mode: every client carries a stream token
         ))
         # Many streams open their writers at once: wait for a connection rather than fail.
         self.redis = Redis(connection_pool=BlockingConnectionPool(
@@ -108,7 +113,8 @@ class Streamcoord:
         return TaskRef(APP, MODEL, str(stream))
 
     def stream_path(self, stream: int) -> str:
-        return f"/stream/{APP}/{MODEL}/{stream}"
+        token = mint(SECRET, [self.ref(stream)], expires_in=TOKEN_SECONDS)
+        return f"/stream/{APP}/{MODEL}/{stream}?token={token}"
 
     async def wait_for_clients(self, expected: int, within: float) -> None:
         assert self.gateway is not None

@@ -64,6 +64,7 @@ def project_env(directory: Path, redis_url: str, **settings: Any) -> dict[str, s
     env["DJANGO_DB_PATH"] = str(directory / "db.sqlite3")
     env["STREAMCOORD_EMBEDDED_URL_FILE"] = str(directory / "embedded.url")
     env["STREAMCOORD_REDIS_URL"] = redis_url
+    env["STREAMCOORD_STREAM_AUTH"] = "public"  # dispatch latency, not access, is measured here
     env.update({f"STREAMCOORD_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
