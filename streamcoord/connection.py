@@ -2,12 +2,12 @@
 
 ``STREAMCOORD_REDIS_URL`` names the Redis, in one of these forms:
 
-    redis://[:password@]host:port/db      one Redis (also rediss:// for TLS)
+    redis://[user:password@]host:port/db  one Redis (also rediss:// for TLS)
     unix:///path/to/redis.sock?db=0       one Redis on a unix socket
-    redis+sentinel://[:password@]host:port,host:port/service[/db]
+    redis+sentinel://[user:password@]host:port,host:port/service[/db]
                                           the master of a Sentinel-managed group; after a
                                           failover clients reconnect to the new master
-    redis+cluster://[:password@]host:port,host:port
+    redis+cluster://[user:password@]host:port,host:port
                                           a Redis Cluster (the startup nodes); every key of one
                                           task shares one hash slot
 """
@@ -47,6 +47,8 @@ class Topology:
     service: str = ""  # the Sentinel service (master group) name
     db: int = 0
     password: str | None = None
+    #: The ACL user (``deploy/users.acl`` has one per role); None logs in as ``default``.
+    username: str | None = None
 
 
 def parse_redis_url(url: str) -> Topology:
@@ -62,17 +64,18 @@ def parse_redis_url(url: str) -> Topology:
     parts = urlsplit(url)
     hosts = parts.netloc.rpartition("@")[2]
     password = unquote(parts.password) if parts.password else None
+    username = unquote(parts.username) if parts.username else None
     try:
         nodes = tuple((host, int(port)) for host, _, port in (n.rpartition(":") for n in hosts.split(",")))
     except ValueError:
         raise ConfigurationError(f"STREAMCOORD_REDIS_URL {url!r}: nodes must be host:port") from None
     path = [p for p in parts.path.split("/") if p]
     if scheme == "redis+cluster":
-        return Topology("cluster", nodes=nodes, password=password)
+        return Topology("cluster", nodes=nodes, password=password, username=username)
     if not path:
         raise ConfigurationError(f"STREAMCOORD_REDIS_URL {url!r}: name the Sentinel service after the hosts")
     db = int(path[1]) if len(path) > 1 else 0
-    return Topology("sentinel", nodes=nodes, service=path[0], db=db, password=password)
+    return Topology("sentinel", nodes=nodes, service=path[0], db=db, password=password, username=username)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -193,6 +196,7 @@ class RedisFactory:
         if topology.kind == "cluster":
             cluster = _GatedCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
+                username=topology.username,
                 password=topology.password,
                 concurrency=max_connections,
                 **common,
@@ -203,6 +207,7 @@ class RedisFactory:
                 self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
                     list(topology.nodes),
                     sentinel_kwargs={"socket_timeout": settings.redis_socket_timeout},
+                    username=topology.username,
                     password=topology.password,
                 )
             master: Redis = self._sentinel.master_for(
