@@ -9,26 +9,35 @@ client already has (skipped by sequence), start past the client (the gap is read
 or bring a stream created anew; Redis may have trimmed away events the client lacks. The feed
 tracks the last event the client was sent, so nothing is lost and nothing is sent twice, and
 says so with a reset (:mod:`streamcoord.resets`) when history the client has or lacks is gone.
+
+What a feed holds for its client at once is bounded in bytes: a page (sized by
+:mod:`streamcoord.history`) or the window's frames it starts from, written in chunks of
+:data:`CHUNK_BYTES`; once it listens, the history it has not sent yet counts against its
+listener's bytes (:meth:`streamcoord.listener.Listener.hold`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 from .codec import Frame
 from .eventlog import EventLog
-from .history import HISTORY_PAGE
 from .hub import Hub
 from .ids import EventId
 from .keys import TaskRef
 from .listener import BatchKind
 from .resets import ResetReason, epoch_reset, gap_reset, reset_frame
 from .resume import Start, find_start
+from .window import frames_bytes, runs_within
 
 # Module globals: looked up once per batch on the hot path, faster than enum attributes.
 _EVENTS = BatchKind.EVENTS
 _HEARTBEAT = BatchKind.HEARTBEAT
+#: History goes out in chunks of about this many bytes (a bigger frame goes alone): what a
+#: client that stops reading holds in a waiting send and in its connection's buffer (uvicorn
+#: makes a writer wait once that buffer holds 64 KiB).
+CHUNK_BYTES = 64 * 1024
 
 
 class Feed:
@@ -75,31 +84,66 @@ class Feed:
             if out:
                 yield b"".join(out)
             return
+        first, self._first = self._first, []  # held no longer than it takes to send
         if self.listener is not None:  # from the window: its frames reach the hub's position
             self.listener.task = asyncio.current_task()
-            if await self._send(self._first, out, live=False):
-                self.ended = True
+            async for chunk in self._send_history(first, out):
+                yield chunk
         else:
-            page: list[Frame] | None = self._first
-            while page is not None:
-                if await self._send(page, out, live=False):
-                    self.ended = True
+            page: list[Frame] | None = first
+            while page is not None and not self.ended:
+                async for chunk in self._send_history(page, out):
+                    yield chunk
+                page = None if self.ended else await self._history.next_page(self._last)
+            if self.ended:
+                if out:
                     yield b"".join(out)
-                    return
-                if len(out) >= HISTORY_PAGE:
-                    yield b"".join(out)
-                    out = []
-                page = await self._history.next_page(self._last)
-            tail = self._history.tail
+                return
+            tail, self._history.tail = self._history.tail, []  # sent: only the hub keeps it
             seen = tail if tail and tail[-1].seq == self._last else ()
             self.listener, hub_cursor = self.hub.subscribe(self._history.key, self._last, self._epoch, seen)
+            del tail, seen  # this generator waits in sends below: it must not keep them alive
             # The hub cancels the task writing this feed if its client falls too far behind.
             self.listener.task = asyncio.current_task()
             # When the hub already read past us for earlier listeners, fetch the difference.
-            if hub_cursor > self._last and await self._catch_up(hub_cursor + 1, out):
-                self.ended = True
+            while not self.ended and self._last < hub_cursor:
+                page = await self._history.page(self._last, hub_cursor + 1)
+                if not page:
+                    break  # trimmed away under us; the next live event starts a new position
+                async for chunk in self._send_history(page, out):
+                    yield chunk
         if out:  # what we caught up on goes out now, not with the next live event
             yield b"".join(out)
+
+    async def _send_history(self, frames: Sequence[Frame], out: list[bytes]) -> AsyncIterator[bytes]:
+        """Yield ``frames`` (history, in order as Redis or the window holds them), after what
+        ``out`` holds, in chunks of about :data:`CHUNK_BYTES`; sets ``ended`` once the terminal
+        event is out. What does not fill a chunk is left in ``out``, for the next page to fill.
+        Each chunk is sent before the next is made, so a client that stops reading holds one
+        in a waiting send, not the whole page. While the feed listens, the frames it has not
+        made into a chunk yet count against the listener's bytes."""
+        listener = self.listener
+        held = frames_bytes(frames) if listener is not None else 0
+        if listener is not None:
+            listener.hold(held)
+        try:
+            runs = list(runs_within(frames, CHUNK_BYTES, sum(map(len, out))))
+            for index, run in enumerate(runs):
+                self.ended = await self._send(run, out, live=False)
+                if listener is not None:
+                    made = frames_bytes(run)
+                    listener.hold(-made)
+                    held -= made
+                # A full run makes a chunk; the last may take frames of the next page first.
+                if out and (self.ended or index < len(runs) - 1):
+                    chunk = b"".join(out)
+                    out.clear()
+                    yield chunk
+                if self.ended:
+                    return
+        finally:
+            if listener is not None and held:
+                listener.hold(-held)  # cut short: nothing of it is held any more
 
     async def next_chunk(self) -> bytes | None:
         """The next chunk of live events; None once the terminal event is out or the listener
@@ -166,8 +210,8 @@ class Feed:
         return False
 
     async def _catch_up(self, before: int, out: list[bytes]) -> bool:
-        """Send what Redis holds between the client's position and ``before``; True once the
-        terminal event is out."""
+        """Send what Redis holds between the client's position and ``before`` (a gap before an
+        event from the hub); True once the terminal event is out."""
         while self._last < before - 1:
             page = await self._history.page(self._last, before)
             if not page:

@@ -8,6 +8,12 @@ moment share one read (a reconnect storm reads each page once). A page may start
 asked when that range was trimmed away meanwhile: what the client is told then is the reset
 policy's (:mod:`streamcoord.resets`). A malformed entry (written by hand) is left out of its
 page, and reported to the hub's log.
+
+A page is bounded in bytes, not only in frames: a feed holds one in memory while its client
+takes it, and a client that stops reading holds it until it is cut. Redis counts entries only,
+so a page asks for as many as fit in half of :func:`streamcoord.window.history_bytes` at the
+average size of the frames read so far (the tail, then each page), never more than
+:data:`HISTORY_PAGE`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ from .codec import Frame, entry_frames
 from .eventlog import EventLog
 from .hub import Hub
 from .keys import TaskRef
-from .window import frames_after
+from .window import frames_after, frames_bytes, history_bytes
 
-#: Frames per page read from Redis (and about per chunk a feed writes while it sends history).
+#: Frames per page read from Redis, at most (fewer when they are big).
 HISTORY_PAGE = 1000
+#: The size of an SSE frame besides its payload (``id:``, ``event:``, ``data:`` lines), about:
+#: with ``max_payload_bytes``, what a frame may take before any was read.
+FRAME_OVERHEAD = 128
 
 
 class History:
@@ -36,17 +45,31 @@ class History:
         self._hub = hub
         self._ref = ref
         self._tail_sent = False
+        self._page_bytes = max(history_bytes(log.settings) // 2, 1)
+        #: The average size of the frames read last (a guess before any was).
+        self._frame_bytes = self._average(tail, log.settings.max_payload_bytes + FRAME_OVERHEAD)
+
+    @staticmethod
+    def _average(frames: list[Frame], default: int) -> int:
+        return max(frames_bytes(frames) // len(frames), 1) if frames else default
+
+    @property
+    def page_size(self) -> int:
+        """Frames the next page asks Redis for: about half a client's history bytes."""
+        return max(1, min(HISTORY_PAGE, self._page_bytes // self._frame_bytes))
 
     async def page(self, after: int, before: int | None = None) -> list[Frame]:
-        """Up to :data:`HISTORY_PAGE` frames after ``after`` (and before ``before``), from Redis.
-        Shared with other feeds: never change it in place."""
-        read = functools.partial(self._read_page, after, before)
+        """Up to :attr:`page_size` frames after ``after`` (and before ``before``), from Redis.
+        Shared with other feeds (a read in flight is shared whatever its size: feeds of one
+        stream guess alike): never change it in place."""
+        read = functools.partial(self._read_page, after, before, self.page_size)
         frames, _ = await self._hub.page_reads.run((self.key, after, before), read)
+        self._frame_bytes = self._average(frames, self._frame_bytes)
         return frames
 
-    async def _read_page(self, after: int, before: int | None) -> list[Frame]:
+    async def _read_page(self, after: int, before: int | None, count: int) -> list[Frame]:
         high = f"({before}-0" if before is not None else "+"
-        entries: Any = await self._log.redis.xrange(self.key, f"({after}-0", high, count=HISTORY_PAGE)
+        entries: Any = await self._log.redis.xrange(self.key, f"({after}-0", high, count=count)
         frames, skipped = entry_frames(entries)
         self._hub.skips.report(self.key, skipped)
         return frames

@@ -2,10 +2,10 @@
 
 One task reads every stream that has listeners in this process with a single blocking XREAD
 (a concrete last id per key), encodes what it read from each stream once, as one batch, and
-appends that batch to each listener's bounded queue (:mod:`streamcoord.listener`): a client
-in step writes it as it is. A listener that lets its queue fill up is closed, and the task
-writing to it cancelled, so one slow client never holds up the others; it resumes from Redis
-with Last-Event-ID.
+appends that batch to each listener's queue, bounded in frames and bytes
+(:mod:`streamcoord.listener`): a client in step writes it as it is. A listener that lets its
+queue fill up is closed, and the task writing to it cancelled, so one slow client never holds
+up the others; it resumes from Redis with Last-Event-ID.
 
 Adding a stream while the XREAD blocks: the hub appends to its own small :class:`WakeStream`,
 which the XREAD always includes, so the read returns and the next one covers the new key.
@@ -43,7 +43,7 @@ from .keys import KeySpace
 from .listener import HEARTBEAT, REWIND, Listener, make_batch
 from .settings import Settings
 from .taskstate import Field
-from .window import Window
+from .window import Window, frames_bytes, history_bytes
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +209,9 @@ class Hub:
         ``confirmed.window_last``: the window is used only if Redis has its epoch and at least
         that many events (else the stream was created anew or cut back under the hub, which
         is told to check its streams now). Returns the listener and the frames to send first
-        (history up to the hub's position), or None when the window cannot tell (then the
-        caller reads Redis). Nothing is awaited, so nothing can arrive in between.
+        (history up to the hub's position), or None when the window cannot tell, or when those
+        frames are more bytes than a client's history may hold (:func:`history_bytes`): then the
+        caller reads Redis. Nothing is awaited, so nothing can arrive in between.
         """
         usable = self._usable_window(key)
         if usable is None:
@@ -221,13 +222,14 @@ class Hub:
             self._wake()
             return None
         frames = window.start_frames(last_id, latest)
-        if frames is None:
+        if frames is None or frames_bytes(frames) > history_bytes(self._settings):
+            # Too much to hold for one client at once (big frames): it reads Redis page by page.
             return None
         self.stats["window_hits"] += 1
         return self._listen(stream, key.encode()), frames
 
     def _listen(self, stream: _Stream, bkey: bytes) -> Listener:
-        listener = Listener(bkey, self._settings.client_queue_size)
+        listener = Listener(bkey, self._settings.client_queue_size, self._settings.client_queue_bytes)
         stream.listeners.add(listener)
         self.stats["subscribed"] += 1
         return listener

@@ -30,13 +30,14 @@ from .keys import TaskRef
 from .listener import Listener
 from .resets import ResetReason, reset_frame, resume_reset
 from .taskstate import TaskState
+from .window import history_bytes, newest_within
 
 
 class Snapshot(NamedTuple):
     """A task's state record and the latest frames of its stream, read in one round trip."""
 
     state: TaskState | None
-    tail: list[Frame]  # oldest first
+    tail: list[Frame]  # oldest first; as many as fit in half a client's history bytes
     #: Malformed entries of the tail, left out (the caller reports them to the hub's log).
     skipped: tuple[Skipped, ...] = ()
 
@@ -47,6 +48,9 @@ async def read_snapshot(log: EventLog, ref: TaskRef) -> Snapshot:
     pipe.xrevrange(log.keys.events(ref), "+", "-", count=max(log.settings.window_events, 1))
     raw_state, entries = await pipe.execute()  # bytes: clients never decode replies
     tail, skipped = entry_frames(entries[::-1])
+    # A feed holds its tail until it has sent the history before it: at most half of what a
+    # client's history may hold (big frames: fewer of them, the rest is read page by page).
+    tail = newest_within(tail, history_bytes(log.settings) // 2)
     return Snapshot(TaskState.from_hash(raw_state), tail, tuple(skipped))
 
 

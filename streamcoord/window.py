@@ -5,14 +5,18 @@ positions it covers: a client whose last event is in the window (or just before 
 the rest from memory, without a Redis read or a decode. Anything that breaks contiguity (a
 trimmed or lost range, a stream created anew) empties the window, which then grows again from
 the next frame.
+
+The functions at the end measure runs of frames in bytes: what a client's history holds in
+memory at once is bounded in bytes (:func:`history_bytes`), not only in frames.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 from .codec import Frame
 from .ids import EventId
+from .settings import Settings
 
 
 class Window:
@@ -81,3 +85,40 @@ def frames_after(frames: list[Frame], seq: int) -> list[Frame]:
     if not frames:
         return []
     return frames[max(seq + 1 - frames[0].seq, 0):]
+
+
+def history_bytes(settings: Settings) -> int:
+    """Bytes of encoded frames one client's history may hold in memory at once: half of its
+    ``client_queue_bytes``, so the other half is room for live events queued meanwhile. A
+    client starting from the window gets it only if what it is sent from there fits (else it
+    reads Redis); one reading Redis holds the snapshot's tail and a page, half of it each."""
+    return max(settings.client_queue_bytes // 2, 1)
+
+
+def frames_bytes(frames: Iterable[Frame]) -> int:
+    """The encoded size of ``frames``."""
+    return sum(len(frame.data) for frame in frames)
+
+
+def newest_within(frames: list[Frame], limit: int) -> list[Frame]:
+    """The newest frames of ``frames`` (oldest first) whose sizes add up to at most ``limit``
+    bytes; the newest one at least. ``frames`` itself when all of them fit (never changed)."""
+    size = 0
+    for index in range(len(frames) - 1, -1, -1):
+        size += len(frames[index].data)
+        if size > limit:
+            return frames[min(index + 1, len(frames) - 1):]
+    return frames
+
+
+def runs_within(frames: Sequence[Frame], limit: int, used: int = 0) -> Iterator[Sequence[Frame]]:
+    """``frames`` cut, in order, into runs of at most ``limit`` bytes (a larger frame goes
+    alone), the first of at most ``limit - used`` (it may be empty: ``used`` is full already)."""
+    start, size = 0, used
+    for index, frame in enumerate(frames):
+        if size and size + len(frame.data) > limit:
+            yield frames[start:index]
+            start, size = index, 0
+        size += len(frame.data)
+    if start < len(frames):
+        yield frames[start:]
