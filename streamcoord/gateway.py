@@ -32,6 +32,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import asgineer
 from asgineer import HttpRequest, _request
@@ -46,6 +47,7 @@ from .hub import Hub
 from .ids import EventId, parse_event_id
 from .jobs import START_GRACE_MS, JobQueue
 from .keys import TaskRef
+from .listener import WriteStall
 from .registry import ModelRegistry
 from .settings import Settings
 from .taskstate import State
@@ -172,6 +174,7 @@ class Gateway:
         return asgineer.to_asgi(self.handle)
 
     async def handle(self, request: HttpRequest) -> Response | None:
+        decode_leniently(request)
         try:
             return await self._route(request)
         except RedisError as exc:
@@ -214,6 +217,7 @@ class Gateway:
         return asgineer.to_asgi(self.handle_admin)
 
     async def handle_admin(self, request: HttpRequest) -> Response:
+        decode_leniently(request)
         if request.path not in ("/stats", "/health"):
             return text(404, "not found")
         if request.method not in READ_METHODS:
@@ -295,6 +299,8 @@ class Gateway:
             # The predecessor's lazy start: the first client of a created task starts it. The
             # start is one atomic step, so clients racing through any gateways start it once.
             outcome = await self.jobs.start(ref, lazy=True)
+            if outcome.queued:
+                log.info("lazy start of %s (token issued to %s)", ref, permit.subject or "nobody named")
             if not outcome.queued and outcome.state == State.QUEUED:
                 self._start_after_grace(ref)
         wants_sse = "text/event-stream" in request.headers.get("accept", "")
@@ -317,36 +323,61 @@ class Gateway:
         return {"status": state.state, "final_value": state.final_value, "completed_at": state.ended_at or None}
 
     async def _pump_until_done(self, request: HttpRequest, feed: Feed) -> None:
-        """Write the feed, raced against the client going away (uvicorn's send() never says)."""
-        pump = asyncio.create_task(self._pump(request, feed))
+        """Write the feed, raced against the client going away (uvicorn's send() never says),
+        and cut when its connection takes no bytes for ``write_stall_seconds``."""
+        # A timer per connection, not a timeout per send: see WriteStall. Cancelling the pump
+        # in uvicorn's send() is safe: it waits for the transport to drain before it writes
+        # anything, so nothing is half-written, and the connection is aborted right after.
+        stall = WriteStall(_transport(request), self.settings.write_stall_seconds)
+        pump = asyncio.create_task(self._pump(request, feed, stall))
+        stall.start(pump.cancel)
         watch = asyncio.create_task(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stall.stop()
             pump.cancel()
             watch.cancel()
-            closed = feed.listener.closed if feed.listener is not None else None
+            closed = "stall" if stall.stalled else feed.listener.closed if feed.listener is not None else None
             feed.close()
-        if watch in done:
+        if pump not in done:  # (once the pump wrote the end, uvicorn tells the watch "disconnect")
             self.hub.stats["client_left"] += 1
             return
         if not pump.cancelled() and pump.exception() is not None:
             log.warning("stream of %s ended by an error: %s", feed.ref, pump.exception())
         self.hub.stats[f"closed_{closed}" if closed else "finished"] += 1
-        if closed == "overflow":
+        if closed in ("overflow", "stall"):
             abort_connection(request)
             return
-        # End the response cleanly; a client that stopped reading cannot take even that.
+        if feed.ended and not pump.cancelled() and pump.exception() is None:
+            return  # the pump wrote the end, watched like every other write
+        # Cut short (shutdown, an error): end the response cleanly if the client takes it at
+        # once; a client that stopped reading cannot take even that.
         try:
             await asyncio.wait_for(request.send(b"", more=False), FINISH_TIMEOUT)
         except (TimeoutError, OSError):
             abort_connection(request)
 
-    async def _pump(self, request: HttpRequest, feed: Feed) -> None:
+    async def _pump(self, request: HttpRequest, feed: Feed, stall: WriteStall) -> None:
+        # ``stall.written``: what the connection was handed, once each send returned.
         async for chunk in feed.history():
             await request.send(chunk)
+            stall.written += len(chunk)
         while (live := await feed.next_chunk()) is not None:  # the hot path: no generator
             await request.send(live)
+            stall.written += len(live)
+        if feed.ended:  # the terminal event is out: end the response, as slowly as the client reads
+            await request.send(b"", more=False)
+
+
+def decode_leniently(request: HttpRequest) -> None:
+    """Decode the request's headers and query string as Latin-1, as HTTP defines bytes above
+    0x7f in them (RFC 9110, obs-text), before anything reads them: asgineer decodes them as
+    UTF-8 on first use and raises on any other byte (a 500 for ``X: \\xff``). What is read as
+    Latin-1 here is then validated like any other input (ids, tokens, origins)."""
+    scope = request.scope
+    request._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    request._querylist = parse_qsl(scope["query_string"].decode("latin-1"))
 
 
 def _open_fds() -> int | None:
@@ -364,8 +395,7 @@ def abort_connection(request: HttpRequest) -> None:
     socket and its buffer would live on. So reach uvicorn's transport (its ``send`` is a bound
     method of the request cycle) and abort it; under another server, fall back to that close.
     """
-    cycle = getattr(request._send, "__self__", None)
-    transport = getattr(cycle, "transport", None)
+    transport = _transport(request)
     if transport is not None and hasattr(transport, "abort"):
         transport.abort()
     request._app_state = _request.DONE  # asgineer must not try to finish this response
@@ -378,3 +408,11 @@ async def _wait_disconnect(request: HttpRequest) -> None:
     receive = request._receive
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _transport(request: HttpRequest) -> Any:
+    """uvicorn's transport of ``request``'s connection (its ``send`` is a bound method of the
+    request cycle, which holds it), or None under another server."""
+    cycle = getattr(request._send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    return transport if hasattr(transport, "get_write_buffer_size") else None
