@@ -27,7 +27,7 @@ def test_importing_every_core_module_and_serving_imports_no_django(redis_server:
         "from streamcoord.settings import Settings\n"
         "import asyncio\n"
         "async def build():\n"
-        f"    async with gateway_parts(Settings(redis_url={redis_server.url!r})) as gateway:\n"
+        f"    async with gateway_parts(Settings(redis_url={redis_server.url!r}, secret='s' * 40)) as gateway:\n"
         "        gateway.asgi()\n"
         "asyncio.run(build())\n"
         "loaded = sorted(m for m in sys.modules if m == 'django' or m.startswith('django.'))\n"
