@@ -79,5 +79,8 @@ async def demo_routes(request: HttpRequest) -> Response | None:
         outcome = await coordinator.start_task(task)
         ref = task.stream_ref
         # The page that started the task may watch it: a URL with a token for this one task.
-        return _json({"model": ref.model, "id": task.pk, "stream": task.stream_url(), "started": outcome.queued})
+        return _json({
+            "model": ref.model, "id": task.pk, "stream": task.stream_path, "stream_url": task.stream_url(),
+            "started": outcome.queued,
+        })
     return None

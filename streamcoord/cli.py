@@ -42,6 +42,8 @@ def admin_target(args: argparse.Namespace) -> dict[str, object]:
     """Where the admin listener listens: --admin-socket wins; --admin-port means TCP on
     --admin-host (127.0.0.1 by default); neither means no admin listener."""
     if args.admin_socket:
+        if args.admin_port is not None or args.admin_host is not None:
+            raise ConfigurationError("--admin-socket and --admin-port/--admin-host exclude each other: choose one")
         return {"admin_socket_path": args.admin_socket}
     if args.admin_port is not None:
         return {"admin_host": args.admin_host or "127.0.0.1", "admin_port": args.admin_port}
@@ -51,8 +53,11 @@ def admin_target(args: argparse.Namespace) -> dict[str, object]:
 
 
 def bind_target(args: argparse.Namespace, default_socket: str | None) -> dict[str, object]:
-    """Where to listen: --socket wins; --host/--port mean TCP; neither means the default."""
+    """Where to listen: --socket, or --host/--port (TCP; port 8000 when only --host is given),
+    or neither: the default."""
     if args.socket:
+        if args.host is not None or args.port is not None:
+            raise ConfigurationError("--socket and --host/--port exclude each other: choose one")
         return {"socket_path": args.socket}
     if args.host is not None or args.port is not None:
         return {"host": args.host or "127.0.0.1", "port": args.port if args.port is not None else 8000}

@@ -16,7 +16,8 @@ limits from :class:`~streamcoord.settings.Settings`, and leaves the parser and t
   idle keep-alive connection is uvicorn's keep-alive timeout's; the time a response takes (an
   SSE stream: hours) is never limited here.
 - ``max_connections``: a request arriving while the process holds more connections than this
-  gets ``503`` with ``Retry-After`` and the connection is closed (load shedding). Connections
+  gets ``503`` with ``Retry-After`` and the connection is closed (load shedding); ``/health``
+  and ``/ready`` are still answered. Connections
   beyond the cap that send no request are closed by the header deadline.
 
 ``uvicorn.Config(http=guarded_protocol(settings))`` installs it. It leans on uvicorn's
@@ -61,6 +62,10 @@ def plain_response(status: int, reason: str, body: str, headers: dict[str, str] 
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
 
+
+#: Paths answered even beyond the connection cap: they end at once, and a liveness probe that
+#: met a 503 at the cap would have the orchestrator restart a busy gateway, dropping every stream.
+PROBES = frozenset({b"/health", b"/ready"})
 
 HEAD_TOO_LARGE = plain_response(431, "Request Header Fields Too Large", "request head too large")
 OVERLOADED_BODY = b"the gateway is at its connection limit; retry later"
@@ -163,7 +168,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._heads_complete += 1
         self._reading_head = False
         self._cancel_head_deadline()
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) > self.max_connections and self.url.partition(b"?")[0] not in PROBES:
             self.app = shed
             self._note_refused()
         else:

@@ -47,22 +47,37 @@ def bind(
     host: str | None, port: int | None, socket_path: str | None, option: str = "--socket"
 ) -> socket.socket:
     """A listening socket: a unix socket at ``socket_path``, else TCP ``host:port``. ``option``
-    names the socket's command-line option in errors."""
+    names the socket's command-line option in errors, which are ConfigurationErrors (a port in
+    use or out of range, a directory that does not exist: a message, not a traceback)."""
+    try:
+        return _bind(host, port, socket_path, option)
+    except (OSError, OverflowError) as exc:
+        where = socket_path or f"{host or '127.0.0.1'}:{port or 0}"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigurationError(f"cannot listen on {where}: {reason}") from None
+
+
+def _bind(host: str | None, port: int | None, socket_path: str | None, option: str) -> socket.socket:
     if socket_path:
         remove_stale_socket(socket_path, option)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o117)  # never world-writable, not even for a moment
-        try:
-            sock.bind(socket_path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(socket_path, SOCKET_MODE)
     else:
-        family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host or "127.0.0.1", port or 0))
-    sock.listen(2048)
+        sock = socket.socket(socket.AF_INET6 if host and ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if socket_path:
+            old_umask = os.umask(0o117)  # never world-writable, not even for a moment
+            try:
+                sock.bind(socket_path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(socket_path, SOCKET_MODE)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host or "127.0.0.1", port or 0))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 

@@ -120,40 +120,40 @@ class Settings:
             value: Any = getattr(self, field.name)
             kind = _TYPES[str(field.type)]
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                raise ConfigurationError(f"{field.name} must be a {field.type}, not {value!r}")
+                raise ConfigurationError(f"{_label(field.name)} must be a {field.type}, not {value!r}")
             number = float(getattr(self, field.name)) if field.type not in ("str", "bool") else 1.0
             if not (number > 0 or (field.name in _ZERO_ALLOWED and number == 0)):  # NaN fails too
-                raise ConfigurationError(f"{field.name} must be a positive number, not {value!r}")
+                raise ConfigurationError(f"{_label(field.name)} must be a positive number, not {value!r}")
         if self.block_ms / 1000 >= self.redis_socket_timeout:
             raise ConfigurationError(
-                f"block_ms ({self.block_ms}) must be below redis_socket_timeout "
+                f"{_label('block_ms')} ({self.block_ms}) must be below {_label('redis_socket_timeout')} "
                 f"({self.redis_socket_timeout} s), or a blocked read times out"
             )
         self._check_access()
         if not self.key_prefix or any(c in self.key_prefix for c in "{}: \t\r\n"):
             raise ConfigurationError(
-                f"key_prefix {self.key_prefix!r} must be non-empty, without braces, colons or spaces"
+                f"{_label('key_prefix')} {self.key_prefix!r} must be non-empty, without braces, colons or spaces"
             )
 
     def _check_access(self) -> None:
         if self.stream_auth not in STREAM_AUTH_MODES:
             raise ConfigurationError(
-                f"stream_auth must be one of {', '.join(STREAM_AUTH_MODES)}, not {self.stream_auth!r}"
+                f"{_label('stream_auth')} must be one of {', '.join(STREAM_AUTH_MODES)}, not {self.stream_auth!r}"
             )
         if self.secret and len(self.secret) < MIN_SECRET_CHARS:
             raise ConfigurationError(
-                f"secret must be at least {MIN_SECRET_CHARS} characters (it signs stream tokens); "
+                f"{_label('secret')} must be at least {MIN_SECRET_CHARS} characters (it signs stream tokens); "
                 "make one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
             )
         if self.gateway_url and not self.gateway_url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"gateway_url must start with http:// or https://, not {self.gateway_url!r}")
+            raise ConfigurationError(f"{_label('gateway_url')} must start with http:// or https://, not {self.gateway_url!r}")
         for origin in self.cors_origin_list:
             if origin == "*":
                 if self.stream_auth != "public":
-                    raise ConfigurationError("cors_origins '*' (any origin) is allowed only with stream_auth=public")
+                    raise ConfigurationError(f"{_label('cors_origins')} '*' (any origin) is allowed only with stream_auth=public")
             elif not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
                 raise ConfigurationError(
-                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path)"
+                    f"{_label('cors_origins')}: {origin!r} is not an origin (scheme://host[:port], no path)"
                 )
 
     @property
@@ -195,6 +195,11 @@ class Settings:
     def embedded(self) -> bool:
         """True when no Redis URL is set and the in-process stand-in is used."""
         return not self.redis_url
+
+
+def _label(name: str) -> str:
+    """A setting as people set it: its environment variable, and its name in ``STREAMCOORD``."""
+    return f"{ENV_PREFIX}{name.upper()} ({name})"
 
 
 def _parse(name: str, type_name: Any, raw: str) -> Any:

@@ -87,6 +87,48 @@ def test_gateway_command_refuses_a_file_at_its_socket_path(tmp_path: Path) -> No
     assert precious.read_text() == "keep me\n"
 
 
+def test_a_port_that_cannot_be_bound_is_a_message_not_a_traceback() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(ConfigurationError, match=r"cannot listen on 127\.0\.0\.1:\d+: Address already in use"):
+            bind("127.0.0.1", taken.getsockname()[1], None)
+    finally:
+        taken.close()
+    with pytest.raises(ConfigurationError, match=r"cannot listen on 127\.0\.0\.1:99999"):
+        bind("127.0.0.1", 99999, None)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--socket", "gw.sock", "--port", "0"], "--socket and --host/--port exclude each other"),
+        (["--port", "0", "--admin-socket", "a.sock", "--admin-port", "0"], "--admin-socket and --admin-port/--admin-host"),
+        (["--port", "99999"], "cannot listen on 127.0.0.1:99999"),
+    ],
+)
+def test_gateway_command_refuses_listeners_it_cannot_honour(tmp_path: Path, options: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamcoord", "gateway", *options],
+        cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "STREAMCOORD_STREAM_AUTH": "public",
+                           "STREAMCOORD_REDIS_URL": "redis://127.0.0.1:1/0"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_create_task_refuses_a_value_its_field_cannot_take(project: Project) -> None:
+    result = subprocess.run(
+        [sys.executable, "manage.py", "create_task", "ProgressTask", "--set", "steps=abc"],
+        cwd=REPO, env=project.env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot create ProgressTask" in result.stderr and "Traceback" not in result.stderr
+    assert project.create_task("ProgressTask", "steps=1")["started"] is False
+
+
 def test_runserver_stream_refuses_a_file_at_its_socket_path(project: Project) -> None:
     precious = project.directory / "notes.txt"
     precious.write_text("keep me\n")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_app.coordinator import coordinator, find_model
@@ -38,7 +39,10 @@ class Command(BaseCommand):
                 fields[name] = json.loads(raw)
             except json.JSONDecodeError:
                 fields[name] = raw
-        task = task_model.objects.create(**fields)
+        try:
+            task = task_model.objects.create(**fields)
+        except (ValueError, TypeError, ValidationError) as exc:  # a value the field cannot take
+            raise CommandError(f"cannot create {task_model.__name__}: {exc}") from None
         ref = task.stream_ref
         line: dict[str, Any] = {"model": ref.model, "app_label": ref.app_label, "id": task.pk, "stream": task.stream_path}
         try:
@@ -46,7 +50,5 @@ class Command(BaseCommand):
             line["stream_url"] = task.stream_url(start=True)
         except ConfigurationError as exc:
             self.stderr.write(f"no stream_url: {exc}")
-        if start:
-            outcome = coordinator.start_task_sync(task)
-            line["started"] = outcome.queued
+        line["started"] = coordinator.start_task_sync(task).queued if start else False
         self.stdout.write(json.dumps(line))
