@@ -55,13 +55,14 @@ def require_secret(settings: Settings) -> None:
 
 
 def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | Refusal | None:
-    """The request's token: ``Authorization: Bearer`` first, else ``?token=``."""
+    """The request's token: ``Authorization: Bearer`` first, else ``?token=``. Another scheme
+    is not ours (a browser adds a site's Basic credentials to same-origin EventSource requests
+    by itself): the query's token applies then."""
     authorization = headers.get("authorization")
     if authorization is not None:
         scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return Refusal(401, "use Authorization: Bearer <stream token>")
-        return token.strip()
+        if scheme.lower() == "bearer":
+            return token.strip() or Refusal(401, "use Authorization: Bearer <stream token>")
     return query.get("token") or None
 
 

@@ -51,6 +51,15 @@ class Topology:
     username: str | None = None
 
 
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    return url.replace(f"{user}:{parts.password}@", f"{user}:***@", 1)
+
+
 def parse_redis_url(url: str) -> Topology:
     """Read a ``STREAMCOORD_REDIS_URL``; raise :class:`ConfigurationError` with the forms."""
     scheme = url.partition("://")[0]
@@ -58,7 +67,7 @@ def parse_redis_url(url: str) -> Topology:
         return Topology("single", url=url)
     if scheme not in ("redis+sentinel", "redis+cluster"):
         raise ConfigurationError(
-            f"STREAMCOORD_REDIS_URL {url!r}: use redis://, rediss://, unix://, "
+            f"STREAMCOORD_REDIS_URL {redacted(url)!r}: use redis://, rediss://, unix://, "
             "redis+sentinel://host:port,.../service[/db] or redis+cluster://host:port,..."
         )
     parts = urlsplit(url)
@@ -68,12 +77,12 @@ def parse_redis_url(url: str) -> Topology:
     try:
         nodes = tuple((host, int(port)) for host, _, port in (n.rpartition(":") for n in hosts.split(",")))
     except ValueError:
-        raise ConfigurationError(f"STREAMCOORD_REDIS_URL {url!r}: nodes must be host:port") from None
+        raise ConfigurationError(f"STREAMCOORD_REDIS_URL {redacted(url)!r}: nodes must be host:port") from None
     path = [p for p in parts.path.split("/") if p]
     if scheme == "redis+cluster":
         return Topology("cluster", nodes=nodes, password=password, username=username)
     if not path:
-        raise ConfigurationError(f"STREAMCOORD_REDIS_URL {url!r}: name the Sentinel service after the hosts")
+        raise ConfigurationError(f"STREAMCOORD_REDIS_URL {redacted(url)!r}: name the Sentinel service after the hosts")
     db = int(path[1]) if len(path) > 1 else 0
     return Topology("sentinel", nodes=nodes, service=path[0], db=db, password=password, username=username)
 

@@ -15,6 +15,9 @@ limits from :class:`~streamcoord.settings.Settings`, and leaves the parser and t
   a keep-alive connection, or stray bytes). Bytes trickling in never extend the deadline. An
   idle keep-alive connection is uvicorn's keep-alive timeout's; the time a response takes (an
   SSE stream: hours) is never limited here.
+- No bodies: no route takes one, so a request that announces one (``Transfer-Encoding``, or a
+  ``Content-Length`` above 0) gets ``400`` and the connection is closed, and nothing after its
+  head reaches the parser (chunked trailers would otherwise pile up as headers, unbounded).
 - ``max_connections``: a request arriving while the process holds more connections than this
   gets ``503`` with ``Retry-After`` and the connection is closed (load shedding); ``/health``
   and ``/ready`` are still answered. Connections
@@ -87,6 +90,33 @@ async def shed(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": OVERLOADED_BODY, "more_body": False})
 
 
+BODY_REFUSED_BODY = b"requests to this gateway carry no body"
+
+
+async def refuse_body(scope: Any, receive: Any, send: Any) -> None:
+    """The ASGI app a request that announces a body gets instead of the gateway's."""
+    await send({
+        "type": "http.response.start",
+        "status": 400,
+        "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"x-content-type-options", b"nosniff"),
+            (b"content-length", str(len(BODY_REFUSED_BODY)).encode()),
+            (b"connection", b"close"),
+        ],
+    })
+    await send({"type": "http.response.body", "body": BODY_REFUSED_BODY, "more_body": False})
+
+
+def announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether request headers announce a body: any Transfer-Encoding, or a Content-Length
+    that is not 0."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 def head_room(limit: int, counted: int, incoming: int) -> int | None:
     """How many of ``incoming`` bytes may go to the parser while a head is read: all of them
     (None) when ``counted + incoming`` stays within ``limit``, else the bytes left to it."""
@@ -115,6 +145,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._heads_complete = 0  # tells a head that ended inside a chunk from one still open
         self._head_deadline: asyncio.TimerHandle | None = None
         self._gateway_app = self.app
+        self._discarding = False  # a body was announced and refused: the rest is not read
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -127,6 +158,8 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         while True:
             if not self._reading_head:
                 if not self._in_message:  # between requests: these bytes begin the next head
@@ -168,7 +201,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._heads_complete += 1
         self._reading_head = False
         self._cancel_head_deadline()
-        if len(self.connections) > self.max_connections and self.url.partition(b"?")[0] not in PROBES:
+        if announces_body(self.headers):
+            self.app = refuse_body
+            self._discarding = True
+        elif len(self.connections) > self.max_connections and self.url.partition(b"?")[0] not in PROBES:
             self.app = shed
             self._note_refused()
         else:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -80,6 +81,27 @@ def _bind(host: str | None, port: int | None, socket_path: str | None, option: s
         raise
     sock.setblocking(False)
     return sock
+
+
+#: File descriptors a gateway needs besides its clients' (Redis, listeners, logs, the runtime).
+FD_MARGIN = 64
+
+
+def ensure_fd_room(max_connections: int) -> None:
+    """Raise the soft open-files limit to the hard one, and warn when ``max_connections`` still
+    does not fit: past the limit, accept() fails and clients see resets, not the 503 of the
+    connection cap (systemd's default soft limit is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and max_connections + FD_MARGIN > soft:
+        log.warning(
+            "STREAMCOORD_MAX_CONNECTIONS (%d) does not fit the open-files limit (%d): lower it to "
+            "%d or raise the limit (LimitNOFILE= in systemd, ulimit -n), or clients beyond the "
+            "limit get connection resets instead of 503", max_connections, soft, max(1, soft - FD_MARGIN),
+        )
 
 
 def remove_stale_socket(path: str, option: str = "--socket") -> None:
@@ -248,6 +270,7 @@ async def serve(
     With ``admin_socket_path`` (or ``admin_port``: TCP on ``admin_host``, default 127.0.0.1)
     a second listener serves the internal routes (``/stats``), which the public one never
     does; without, there is none."""
+    ensure_fd_room(settings.max_connections)
     with contextlib.ExitStack() as sockets:
         sock = _listen(sockets, host, port, socket_path, "--socket")
         admin_sock = None

@@ -17,6 +17,7 @@ Claims (any backend that holds the secret can mint the same token)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -115,7 +116,7 @@ def verify(secret: str, token: str, *, now: float | None = None) -> Grant:
     except jwt.PyJWTError:
         raise TokenInvalid("invalid stream token") from None
     expires = claims["exp"]
-    if not isinstance(expires, int | float) or isinstance(expires, bool):
+    if not isinstance(expires, int | float) or isinstance(expires, bool) or not math.isfinite(expires):
         raise TokenInvalid("invalid stream token: 'exp' must be a number")
     if expires + LEEWAY_SECONDS <= (time.time() if now is None else now):
         raise TokenInvalid("the stream token has expired: ask the application for a new one")

@@ -69,9 +69,10 @@ async def r(redis: Redis) -> Any:
 # -- the config, rendered for the test ------------------------------------------------------
 
 
-def render(conf: str, gateways: Sequence[Path], listen: Path) -> str:
-    """``conf`` with the upstream's ``server`` lines replaced by ``gateways`` (unix sockets)
-    and every ``listen`` address replaced by ``listen`` (its parameters kept)."""
+def render(conf: str, gateways: Sequence[Path], listen: Path, access_log: Path | None = None) -> str:
+    """``conf`` with the upstream's ``server`` lines replaced by ``gateways`` (unix sockets),
+    every ``listen`` address replaced by ``listen`` (its parameters kept), and its access_log
+    line removed (or, given ``access_log``, pointed there)."""
     block = re.search(rf"^upstream\s+{UPSTREAM}\s*\{{.*?^\}}", conf, re.M | re.S)
     assert block, f"{CONF} has no `upstream {UPSTREAM} {{ ... }}` block"
     server_line = re.compile(r"^[ \t]*server\s+[^;]+;[^\n]*\n", re.M)  # not the commented ones
@@ -83,6 +84,10 @@ def render(conf: str, gateways: Sequence[Path], listen: Path) -> str:
     rendered = conf[: block.start()] + upstream + conf[block.end():]
     rendered, listens = re.subn(r"^([ \t]*listen\s+)[^\s;]+", rf"\g<1>unix:{listen}", rendered, flags=re.M)
     assert listens >= 1, f"no `listen` line in {CONF}"
+    # The test's own access log (http-level, a format of its own) applies instead.
+    keep = "" if access_log is None else rf"\g<1>{access_log} \g<2>;\n"
+    rendered, logs = re.subn(r"^([ \t]*access_log\s+)\S+\s+([^;]+);\n", keep, rendered, flags=re.M)
+    assert logs == 1, f"{CONF} should set its access_log once (a format without the query)"
     return rendered
 
 
@@ -99,6 +104,8 @@ class Nginx:
 
     directory: Path
     gateways: Sequence[Path]
+    #: Keep the config's own access_log (pointed at ``shipped_log``) instead of the test's.
+    shipped_logging: bool = False
     process: subprocess.Popen[bytes] | None = None
     checked: str = ""  # what `nginx -t` said
 
@@ -115,6 +122,10 @@ class Nginx:
         return self.directory / "access.log"
 
     @property
+    def shipped_log(self) -> Path:
+        return self.directory / "shipped-access.log"
+
+    @property
     def error_log(self) -> Path:
         return self.directory / "error.log"
 
@@ -123,7 +134,8 @@ class Nginx:
         temp = self.directory / "temp"
         temp.mkdir(exist_ok=True)
         rendered = self.directory / "streamcoord.conf"
-        rendered.write_text(render(CONF.read_text(), self.gateways, self.socket))
+        kept = self.shipped_log if self.shipped_logging else None
+        rendered.write_text(render(CONF.read_text(), self.gateways, self.socket, kept))
         # As root, nginx's workers would run as `nobody`, which can neither reach the gateways'
         # sockets (mode 0660) nor enter the test's directory (0700): keep them root.
         user = "user root root;\n" if os.geteuid() == 0 else ""
@@ -461,3 +473,20 @@ async def test_a_client_that_stops_reading_is_cut_by_its_gateway_not_spooled_by_
         )
         written = await r.hget(f"sc:{{examples.ProgressTask:{created['id']}}}:state", "last_seq")
         print(f"\nnginx backpressure: the gateway cut the stalled client; stats {stats}; events written then: {written!r}")
+
+
+async def test_the_shipped_access_log_leaves_stream_tokens_out(r: Redis, project: Project, tmp_path: Path) -> None:
+    gateway = project.gateway("gw1")
+    nginx = Nginx(tmp_path / "nginx", [gateway.socket], shipped_logging=True).start()
+    try:
+        async with through(nginx) as http:
+            assert (await http.get("/health", params={"token": "SECRET-TOKEN-VALUE"})).status_code == 200
+
+        def logged() -> bool:
+            return nginx.shipped_log.exists() and "/health" in nginx.shipped_log.read_text()
+
+        wait_for(logged, 10, "nginx to log the request")
+        line = nginx.shipped_log.read_text()
+        assert '"GET /health HTTP/1.1" 200' in line and "SECRET-TOKEN-VALUE" not in line and "token" not in line
+    finally:
+        nginx.stop()

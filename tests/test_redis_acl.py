@@ -425,6 +425,8 @@ REFUSED: dict[str, list[tuple[str, ...]]] = {
         ("XADD", "sc:worker:w:control", "*", "cancel", "x"), ("XADD", "sc:dead", "*", "task", "x"),
         ("DEL", EVENTS), ("DEL", STATE), ("EXPIRE", STATE, "1"), ("EVAL", "return 1", "0"),
         ("HSET", "sc:gateway:x:wake", "a", "b"), ("SPUBLISH", "sc:x", "hi"),
+        # Tracking would tell key names outside the role's patterns (BCAST invalidations).
+        ("CLIENT", "TRACKING", "on", "BCAST"), ("CLIENT", "CACHING", "yes"),
     ],
     "worker": [
         ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "SET", "appendonly", "no"), ("KEYS", "*"), ("SCAN", "0"),
@@ -432,6 +434,8 @@ REFUSED: dict[str, list[tuple[str, ...]]] = {
         ("GET", "other"), ("HGETALL", "other:key"), ("DEL", "other"), ("XADD", "other", "*", "a", "b"),
         ("XREAD", "STREAMS", "sc:gateway:x:wake", "0"), ("EVAL", "return 1", "0"),
         ("XGROUP", "DESTROY", "sc:jobs", "workers"), ("RENAME", EVENTS, "other"),
+        # Tracking would tell key names outside the role's patterns (BCAST invalidations).
+        ("CLIENT", "TRACKING", "on", "BCAST"), ("CLIENT", "CACHING", "yes"),
     ],
     "django": [
         ("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("SCAN", "0"), ("CLIENT", "LIST"),
@@ -440,6 +444,8 @@ REFUSED: dict[str, list[tuple[str, ...]]] = {
         ("XRANGE", "sc:jobs", "-", "+"), ("DEL", "sc:jobs"), ("XADD", "sc:dead", "*", "task", "x"),
         ("HSET", "sc:workers", "w", "{}"), ("SADD", "sc:worker:w:running", "x"),
         ("XREAD", "STREAMS", "sc:worker:w:control", "0"), ("EVAL", "return 1", "0"),
+        # Tracking would tell key names outside the role's patterns (BCAST invalidations).
+        ("CLIENT", "TRACKING", "on", "BCAST"), ("CLIENT", "CACHING", "yes"),
     ],
     "healthcheck": [("GET", "x"), ("HGETALL", STATE), ("INFO",), ("CLIENT", "LIST")],
 }

@@ -32,3 +32,9 @@ def test_the_user_and_password_of_every_topology_are_kept(url: str, expected: To
 def test_a_url_that_names_no_topology_is_refused(url: str) -> None:
     with pytest.raises(ConfigurationError, match="STREAMCOORD_REDIS_URL"):
         parse_redis_url(url)
+
+
+def test_a_refused_url_never_shows_its_password() -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        parse_redis_url("redis+sentinel://gateway:Hunter2-pw@s1:26379")
+    assert "Hunter2-pw" not in str(refused.value) and "gateway:***@s1" in str(refused.value)

@@ -60,6 +60,8 @@ def test_the_start_claim_is_carried() -> None:
         pytest.param(forge({"streams": ["shop.Job:{1}"], "exp": int(time.time()) + 60}), id="bad label"),
         pytest.param(forge({"streams": [7], "exp": int(time.time()) + 60}), id="label not a string"),
         pytest.param(forge({"streams": [JOB.label], "exp": "soon"}), id="exp not a number"),
+        pytest.param(forge({"streams": [JOB.label], "exp": float("nan")}), id="exp NaN"),
+        pytest.param(forge({"streams": [JOB.label], "exp": float("inf")}), id="exp infinite"),
         pytest.param(forge({"streams": [JOB.label], "exp": int(time.time()) + 60, "start": "yes"}), id="start not a bool"),
         pytest.param(forge({"streams": [JOB.label] * (MAX_STREAMS + 1), "exp": int(time.time()) + 60}), id="too many"),
         pytest.param("not.a.token", id="garbage"),
@@ -96,7 +98,9 @@ def test_minting_refuses_what_no_gateway_would_accept() -> None:
         ({}, {"token": "q"}, "q"),
         ({}, {}, None),
         ({}, {"token": ""}, None),
-        ({"authorization": "Basic dXNlcjpwdw=="}, {}, Refusal(401, "use Authorization: Bearer <stream token>")),
+        # A site's Basic credentials, added by the browser, leave the query's token in force.
+        ({"authorization": "Basic dXNlcjpwdw=="}, {"token": "q"}, "q"),
+        ({"authorization": "Basic dXNlcjpwdw=="}, {}, None),
         ({"authorization": "Bearer "}, {}, Refusal(401, "use Authorization: Bearer <stream token>")),
     ],
 )
