@@ -20,12 +20,14 @@ import contextvars
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .errors import ConfigurationError
@@ -99,6 +101,34 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
 _holding_gate: contextvars.ContextVar[bool] = contextvars.ContextVar("holding_gate", default=False)
 
 
+#: Where redis-py and asyncio tear a connection down. An AttributeError or TypeError raised in
+#: them is a connection closed under a command (redis-py 8.1, issue redis/redis-py#4287: a
+#: concurrent disconnect leaves ``_writer`` None mid-connect, seen in slot migrations), not a
+#: bug of ours: it is re-raised as the ConnectionError every retry in streamcoord handles.
+_TRANSPORT_FILES = ("redis/asyncio/connection.py", "asyncio/streams.py", "asyncio/selector_events.py")
+
+
+def torn_down(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's or asyncio's internal error for a connection closed under
+    a command (the innermost frame is in their transport code)."""
+    if not isinstance(exc, AttributeError | TypeError) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith(_TRANSPORT_FILES)
+
+
+@contextlib.contextmanager
+def _connection_errors() -> Iterator[None]:
+    try:
+        yield
+    except (AttributeError, TypeError) as exc:
+        if torn_down(exc):
+            raise RedisConnectionError(f"connection closed under a command: {exc}") from exc
+        raise
+
+
 class _GatedCluster(RedisCluster):
     """A cluster client whose callers wait for a free slot: redis-py's cluster pools raise
     MaxConnectionsError when full. A command holds one connection, a pipeline at most one per
@@ -113,11 +143,13 @@ class _GatedCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if _holding_gate.get():
-            return await super().execute_command(*args, **kwargs)
+            with _connection_errors():
+                return await super().execute_command(*args, **kwargs)
         async with self._gate:
             token = _holding_gate.set(True)
             try:
-                return await super().execute_command(*args, **kwargs)
+                with _connection_errors():
+                    return await super().execute_command(*args, **kwargs)
             finally:
                 _holding_gate.reset(token)
 
@@ -129,7 +161,8 @@ class _GatedCluster(RedisCluster):
             async with self._gate:
                 token = _holding_gate.set(True)
                 try:
-                    return await execute(*args, **kwargs)
+                    with _connection_errors():
+                        return await execute(*args, **kwargs)
                 finally:
                     _holding_gate.reset(token)
 
