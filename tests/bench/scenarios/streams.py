@@ -1,8 +1,10 @@
-"""Many streams: 1000 tasks with 2 clients each on one gateway process.
+"""Many streams: thousands of tasks, each with its own client or two, on one gateway process.
 
 Every stream publishes at the same rate (each starting at a random point of its first
-interval), so the gateway reads many keys at once instead of fanning one out. Contenders:
-the naive design and streamcoord. Quick mode: 100 streams, 2 events/s each, 3 s.
+interval), so the gateway reads many keys at once instead of fanning one out. Shapes: 1,000
+streams x 2 clients at 1 and 5 events/s, then 3,000 x 1 and 10,000 x 1 at 1 event/s (the
+common deployment: every export, import and report with its own progress bar). Contenders:
+the naive design and streamcoord. Quick mode: 100 streams x 2, 2 events/s each, 3 s.
 """
 
 from __future__ import annotations
@@ -14,18 +16,17 @@ from ..rows import measured_row
 from . import Context, Row
 
 CONTENDERS = ("naive", "streamcoord")
-STREAMS, QUICK_STREAMS = 1000, 100
-CLIENTS_PER_STREAM = 2
-RATES, QUICK_RATES = (1.0, 5.0), (2.0,)  # events/s per stream
+#: (streams, clients per stream, events/s per stream)
+SHAPES = ((1000, 2, 1.0), (1000, 2, 5.0), (3000, 1, 1.0), (10_000, 1, 1.0))
+QUICK_SHAPES = ((100, 2, 2.0),)
 SECONDS, QUICK_SECONDS = 10.0, 3.0
 
 
 async def run(ctx: Context) -> list[Row]:
     rows = []
-    for rate in QUICK_RATES if ctx.quick else RATES:
+    for streams, clients_per_stream, rate in QUICK_SHAPES if ctx.quick else SHAPES:
         load = LiveLoad(
-            streams=QUICK_STREAMS if ctx.quick else STREAMS,
-            clients_per_stream=CLIENTS_PER_STREAM, rate=rate,
+            streams=streams, clients_per_stream=clients_per_stream, rate=rate,
             seconds=QUICK_SECONDS if ctx.quick else SECONDS,
             drain_seconds=5.0 if ctx.quick else 15.0,
         )
