@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -72,40 +73,33 @@ PROBES = frozenset({b"/health", b"/ready"})
 
 HEAD_TOO_LARGE = plain_response(431, "Request Header Fields Too Large", "request head too large")
 OVERLOADED_BODY = b"the gateway is at its connection limit; retry later"
-
-
-async def shed(scope: Any, receive: Any, send: Any) -> None:
-    """The ASGI app a request beyond the connection cap gets instead of the gateway's."""
-    await send({
-        "type": "http.response.start",
-        "status": 503,
-        "headers": [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"x-content-type-options", b"nosniff"),
-            (b"content-length", str(len(OVERLOADED_BODY)).encode()),
-            (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
-            (b"connection", b"close"),
-        ],
-    })
-    await send({"type": "http.response.body", "body": OVERLOADED_BODY, "more_body": False})
-
-
 BODY_REFUSED_BODY = b"requests to this gateway carry no body"
 
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
-async def refuse_body(scope: Any, receive: Any, send: Any) -> None:
-    """The ASGI app a request that announces a body gets instead of the gateway's."""
-    await send({
-        "type": "http.response.start",
-        "status": 400,
-        "headers": [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"x-content-type-options", b"nosniff"),
-            (b"content-length", str(len(BODY_REFUSED_BODY)).encode()),
-            (b"connection", b"close"),
-        ],
-    })
-    await send({"type": "http.response.body", "body": BODY_REFUSED_BODY, "more_body": False})
+
+def closing_answer(status: int, body: bytes, headers: dict[str, str] | None = None) -> ASGIApp:
+    """An ASGI app that answers every request with ``status`` and the plain-text ``body`` and
+    closes the connection: what a request gets instead of the gateway when it is refused here."""
+    raw_headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.encode(), value.encode()) for name, value in (headers or {}).items()),
+        (b"connection", b"close"),
+    ]
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return answer
+
+
+#: For a request beyond the connection cap (load shedding).
+shed = closing_answer(503, OVERLOADED_BODY, {"retry-after": str(RETRY_AFTER_SECONDS)})
+#: For a request that announces a body.
+refuse_body = closing_answer(400, BODY_REFUSED_BODY)
 
 
 def announces_body(headers: list[tuple[bytes, bytes]]) -> bool:
