@@ -47,9 +47,9 @@ from .hub import Hub
 from .ids import EventId, parse_event_id
 from .jobs import START_GRACE_MS, JobQueue
 from .keys import TaskRef
-from .listener import WriteStall
 from .registry import ModelRegistry
 from .settings import Settings
+from .stall import WriteStall
 from .taskstate import State
 
 log = logging.getLogger(__name__)

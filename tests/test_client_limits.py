@@ -27,17 +27,10 @@ from streamcoord.feed import CHUNK_BYTES, Feed
 from streamcoord.history import History
 from streamcoord.hub import Hub, Position
 from streamcoord.ids import EventId
-from streamcoord.listener import (
-    HEARTBEAT,
-    REWIND,
-    Batch,
-    Listener,
-    WriteStall,
-    make_batch,
-    unsent_bytes,
-)
+from streamcoord.listener import HEARTBEAT, REWIND, Batch, Listener, make_batch
 from streamcoord.resume import read_snapshot
 from streamcoord.settings import Settings
+from streamcoord.stall import WriteStall, unsent_bytes
 from streamcoord.window import frames_bytes, history_bytes, newest_within, runs_within
 
 from .processes import Gateway
