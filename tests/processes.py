@@ -29,15 +29,30 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) 
         time.sleep(interval)
 
 
-def _unix_ping(path: Path) -> bool:
+def redis_answers(path: Path) -> bool:
+    """A redis-server takes connections on the unix socket ``path`` (an unauthenticated PING
+    that gets NOAUTH is an answer too)."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(0.5)
             sock.connect(str(path))
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
+
+
+def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    """Stop a process we started: ``sig``, then SIGKILL if it is still there after ``timeout``
+    seconds; its exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
 
 
 @dataclass
@@ -66,17 +81,12 @@ class RedisServer:
              "--dir", str(self.directory), "--save", "", "--appendonly", "no",
              "--logfile", str(self.directory / "redis.log"), *self.extra],
         )
-        wait_for(lambda: _unix_ping(self.socket), 10, "redis-server to answer PING")
+        wait_for(lambda: redis_answers(self.socket), 10, "redis-server to answer PING")
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process)
 
 
 @dataclass
@@ -94,14 +104,7 @@ class Gateway:
         return self.process.pid
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

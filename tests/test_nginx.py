@@ -45,7 +45,7 @@ from redis.asyncio import Redis
 
 from streamcoord.taskstate import TERMINAL_EVENTS
 
-from .processes import REPO, Project, wait_for
+from .processes import REPO, Project, stop_process, wait_for
 from .rawsse import RawSSE, SSEEvent
 from .workloads import assert_gap_free, create_tasks_streamed, set_continue, triples
 
@@ -176,14 +176,8 @@ class Nginx:
 
     def stop(self) -> None:
         """SIGTERM (fast shutdown: open streams would hold a graceful SIGQUIT up), then kill."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process)
 
     def log_tail(self, chars: int = 3000) -> str:
         text = self.error_log.read_text(errors="replace") if self.error_log.exists() else ""

@@ -24,7 +24,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.settings import Settings
 
-from .processes import REPO, Gateway, Project, start_gateway, wait_for
+from .processes import REPO, Gateway, Project, redis_answers, start_gateway, stop_process, wait_for
 
 DEPLOY = REPO / "deploy"
 USERS_ACL = DEPLOY / "users.acl"
@@ -88,18 +87,6 @@ def redis_url(sock: Path, user: str, password: str) -> str:
     return f"unix://{user}:{password}@{sock}"
 
 
-def _answers(sock: Path) -> bool:
-    """redis-server takes connections (an unauthenticated PING gets NOAUTH: that is an answer)."""
-    try:
-        with socket.socket(socket.AF_UNIX) as conn:
-            conn.settimeout(0.5)
-            conn.connect(str(sock))
-            conn.sendall(b"PING\r\n")
-            return conn.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def redis_with_conf(directory: Path, aclfile: Path) -> Iterator[Path]:
     """redis-server with deploy/redis.conf, changed only in where it listens (a unix socket in
@@ -117,17 +104,12 @@ def redis_with_conf(directory: Path, aclfile: Path) -> Iterator[Path]:
             if process.poll() is not None:
                 text = log.read_text() if log.exists() else ""
                 raise AssertionError(f"redis-server exited with {process.returncode}:\n{text}")
-            return _answers(sock)
+            return redis_answers(sock)
 
         wait_for(started, 10, "redis-server with deploy/redis.conf and the ACL to answer")
         yield sock
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process)
 
 
 # -- the shipped file -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from .processes import wait_for
+from .processes import stop_process, wait_for
 
 HOST = "127.0.0.1"
 BUS_OFFSET = 10000
@@ -149,14 +149,8 @@ class Node:
         wait_for(up, 15, f"redis-server on port {self.port} to answer PING")
 
     def stop(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        if self.process is not None:
+            stop_process(self.process)
 
     def cli(self, *args: str, timeout: float = 15) -> str:
         return cli(self.port, *args, timeout=timeout)
