@@ -9,6 +9,10 @@
 --       writer    the writer's token (names one TaskWriter; tells its own retry from another's write)
 --       run       the run token ('' outside a worker run): while a worker runs the task, only the
 --                 current run may append; a run whose lease another worker took over is fenced off
+-- Each event written is also published, in the same atomic step, on the task's shard channel
+-- (<events key without :events>:live, same hash tag) as '<seq>\n<epoch>\n<type>\n<data>'
+-- (codec.live_message): gateways follow streams by these messages and read the stream itself
+-- only to fill a gap (see hub.py). SPUBLISH needs Redis 7.
 -- Returns one {status, epoch, last_seq} per event; status is one of
 --   ok      written as <seq>-0
 --   dup     this very event is already written as seq (a retry whose first reply was lost): the
@@ -73,6 +77,7 @@ local function append(events, state, epoch, seq, etype, data, terminal, final, w
   end
 
   redis.call('XADD', events, 'MAXLEN', maxlen, seq .. '-0', 'epoch', epoch, 'type', etype, 'data', data)
+  redis.call('SPUBLISH', string.sub(events, 1, -7) .. 'live', seq .. '\n' .. epoch .. '\n' .. etype .. '\n' .. data)
   -- Only what changed: an ordinary event updates three fields.
   local fields = {'last_seq', seq, 'last_type', etype, 'updated_at', now}
   local function set(name, value) table.insert(fields, name); table.insert(fields, value) end

@@ -1,8 +1,14 @@
-"""Events as they travel: validated and encoded once at send time, decoded from stream entries.
+"""Events as they travel: validated and encoded once at send time, decoded from stream entries
+and from the live messages that announce them.
 
 A stream entry holds three fields, readable in ``redis-cli XRANGE``::
 
     epoch  the stream's epoch      type  the event type      data  the JSON the client receives
+
+``append.lua`` publishes each entry it appends on the task's shard channel as one message of
+four parts joined by line feeds (:func:`live_message`; seq, epoch and type hold none)::
+
+    <seq>\n<epoch>\n<type>\n<data>
 
 ``data`` already carries ``_task_id``, ``_model``, ``_app`` and ``_timestamp``, so the gateway
 sends it as it is: one encoding per event, none per client.
@@ -133,6 +139,28 @@ def entry_frame(entry_id: bytes, fields: dict[bytes, bytes]) -> Frame:
         raise MalformedEntry(entry_id, "type is empty or holds a line break or NUL")
     if seq < 1 or tail != b"0":
         raise MalformedEntry(entry_id, "id is not <sequence>-0")
+    return Frame(seq, epoch, event_type in _TERMINAL_TYPES, frame)
+
+
+def live_message(seq: int, epoch: bytes, event_type: bytes, data: bytes) -> bytes:
+    """The message ``append.lua`` publishes for the entry ``<seq>-0`` (written there in Lua;
+    this is its reference, for tests and tools)."""
+    return b"%d\n%s\n%s\n%s" % (seq, epoch, event_type, data)
+
+
+def live_frame(message: bytes) -> Frame:
+    """A live message straight to its frame, as :func:`entry_frame` does for an entry. Raises
+    :class:`MalformedEntry` for a message ``append.lua`` would not publish (someone else's)."""
+    parts = message.split(b"\n", 3)
+    if len(parts) != 4 or not parts[0].isdigit():
+        raise MalformedEntry(b"live", "message is not <seq>\\n<epoch>\\n<type>\\n<data>")
+    head, epoch, event_type, data = parts
+    seq = int(head)
+    if seq < 1 or not epoch.isalnum():
+        raise MalformedEntry(b"live", "sequence below 1, or an epoch not letters and digits")
+    frame = _sse_frame(seq, epoch, event_type, data)
+    if frame is None:
+        raise MalformedEntry(b"live", "type is empty or holds a line break or NUL")
     return Frame(seq, epoch, event_type in _TERMINAL_TYPES, frame)
 
 

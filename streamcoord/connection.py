@@ -226,15 +226,20 @@ class RedisFactory:
                     await client.connection_pool.disconnect()
             known = master
 
-    def client(self, role: str, max_connections: int = 4, wait_seconds: float | None = None) -> Redis:
+    def client(
+        self, role: str, max_connections: int = 4, wait_seconds: float | None = None, protocol: int | None = None
+    ) -> Redis:
         """A client with at most ``max_connections`` (per node, in a cluster): callers wait for a
-        free one (up to ``wait_seconds``, default the socket timeout) instead of opening more."""
+        free one (up to ``wait_seconds``, default the socket timeout) instead of opening more.
+        ``protocol``: RESP version, when not redis-py's default."""
         settings, topology = self.settings, self.topology
         common: dict[str, Any] = {
             "socket_timeout": settings.redis_socket_timeout,
             "socket_connect_timeout": settings.redis_socket_timeout,
             "client_name": f"streamcoord:{role}:{os.getpid()}",
         }
+        if protocol is not None:
+            common["protocol"] = protocol
         if topology.kind == "cluster":
             cluster = _GatedCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],

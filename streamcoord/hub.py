@@ -1,23 +1,33 @@
-"""The gateway's fan-out hub: one Redis reader per process, however many clients.
+"""The gateway's fan-out hub: one Redis subscription per process, however many clients.
 
-One task reads every stream that has listeners in this process with a single blocking XREAD
-(a concrete last id per key), encodes what it read from each stream once, as one batch, and
-appends that batch to each listener's queue, bounded in frames and bytes
-(:mod:`streamcoord.listener`): a client in step writes it as it is. A listener that lets its
+Every event reaches a gateway by Redis Pub/Sub: ``append.lua`` publishes it on its task's shard
+channel in the same atomic step as the XADD, with its sequence and epoch. The hub follows the
+channel of every stream that has listeners in this process (:mod:`streamcoord.subscriber`: one
+connection per Redis node, no polling), encodes what arrived from one stream once, as one batch,
+and appends that batch to each listener's queue, bounded in frames and bytes
+(:mod:`streamcoord.listener`): a client in step writes it as it is. Messages that arrive
+together (a burst, or a busy loop) go out as one batch per stream. A listener that lets its
 queue fill up is closed, and the task writing to it cancelled, so one slow client never holds
 up the others; it resumes from Redis with Last-Event-ID.
 
-Adding a stream while the XREAD blocks: the hub appends to its own small :class:`WakeStream`,
-which the XREAD always includes, so the read returns and the next one covers the new key.
+Pub/Sub may lose messages; the stream never does, and the hub never skips an event:
 
-In a Redis Cluster one XREAD can neither span hash slots nor block on several, so there the
-hub polls instead: one pipeline per round with one non-blocking XREAD per slot's streams,
-which redis-py sends node by node (one connection per node, however many clients).
+- a stream's position (its ``cursor``) moves only from one sequence number to the next. A
+  message that does not follow it is a gap: the hub reads the stream after the cursor
+  (XRANGE) and goes on from there; later messages wait in the stream's buffer meanwhile;
+- a stream is read the same way once its subscription is confirmed, the first time and after
+  every reconnection (a dropped connection, a Redis restart or failover, Redis cutting the
+  subscriber over its output-buffer limit, a cluster slot that moved), so what was published
+  before the subscription is never missed: subscribe first, then read, then order by sequence;
+- each such read also checks the stream's epoch and length in its state record: a stream
+  created anew, or cut back by a failover, makes the hub read it from its start again, and its
+  listeners reset their clients (:data:`REWIND`). Every :data:`REVALIDATE_SECONDS` the hub
+  checks all streams that way, which also finds a lost message after which none came.
 
-The reader survives what Redis returns: an entry no frame can be made of (written by hand) is
-skipped and logged once per stream and kind (:class:`streamcoord.codec.SkipLog`), and a reader
-that fails anyway is logged with its traceback and started again, with a backoff. While it is
-down, :attr:`Hub.reading` is False, and the gateway's ``/ready`` answers 503.
+Catch-up reads of many streams share one pipeline. The reader survives what Redis holds: an
+entry or message no frame can be made of (written by hand) is skipped and logged once per stream
+and kind (:class:`streamcoord.codec.SkipLog`). While the subscriber is not connected,
+:attr:`Hub.reading` is False, and the gateway's ``/ready`` answers 503.
 """
 
 from __future__ import annotations
@@ -25,35 +35,36 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import secrets
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
-from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from .backoff import Backoff
-from .codec import Frame, SkipLog, entry_frames
+from .codec import Frame, MalformedEntry, Skipped, SkipLog, entry_frames, live_frame
 from .flight import SingleFlight
 from .ids import EventId
 from .keys import KeySpace
 from .listener import HEARTBEAT, REWIND, Listener, make_batch
 from .settings import Settings
+from .subscriber import Connector, Subscriber
 from .taskstate import Field
 from .window import Window, frames_bytes, history_bytes
 
 log = logging.getLogger(__name__)
 
-#: Entries per key per XREAD; a stream with more pending is read again on the next call.
+#: Entries per stream per catch-up read; a stream with more is read again in the next round.
 READ_COUNT = 500
-#: How often an idle hub checks that no followed stream was created anew under it.
+#: Streams per catch-up round (one pipeline).
+CATCH_UP_STREAMS = 1000
+#: How often the hub checks every followed stream against its state record.
 REVALIDATE_SECONDS = 30.0
-#: Cluster polling: the pause after a round that read nothing (the added latency, at most).
-POLL_SECONDS = 0.01
-WAKE_TTL_SECONDS = 24 * 3600
+#: Live messages a stream keeps while it is read; past this they are dropped and read again.
+BUFFER_LIMIT = 1000
 #: The state record's fields that give a stream's position in Redis (HMGET, in this order).
 POSITION_FIELDS = [Field.EPOCH, Field.LAST_SEQ]
 
@@ -73,17 +84,29 @@ class Position(NamedTuple):
 
 
 class _Stream:
-    __slots__ = ("cursor", "epoch", "listeners", "read_after", "window")
+    __slots__ = (
+        "buffer", "channel", "cursor", "epoch", "key", "listeners", "queued", "read_after",
+        "subscribed", "window",
+    )
 
-    def __init__(self, cursor: int, window: Window) -> None:
+    def __init__(self, key: bytes, cursor: int, window: Window) -> None:
+        self.key = key
+        self.channel = KeySpace.live_of(key)
         self.cursor = cursor
         #: The id of the last entry read when it is not the cursor's (a malformed entry was
-        #: skipped after it): the next XREAD goes on after it, not after the cursor.
+        #: skipped after it): the next read goes on after it, not after the cursor.
         self.read_after = b""
-        self.epoch = b""  # of the last entry read; b"" until one was
+        self.epoch = b""  # of the last event; b"" until one was seen
         self.listeners: set[Listener] = set()
-        #: The latest frames read, ending at ``cursor`` (or empty).
+        #: The latest frames, ending at ``cursor`` (or empty).
         self.window = window
+        #: The server confirmed the subscription to ``channel`` (and has not dropped it since).
+        self.subscribed = False
+        #: None while live messages go straight out; else they wait here (the stream is being
+        #: read, or not subscribed yet).
+        self.buffer: list[Frame] | None = []
+        #: A catch-up read of the stream is queued or in flight.
+        self.queued = False
 
     def lost_events(self, epoch: bytes | None, last_seq: int) -> bool:
         """Redis, whose state record says ``epoch`` and ``last_seq``, lost events this hub
@@ -91,77 +114,41 @@ class _Stream:
         renewed = self.epoch and epoch is not None and epoch != self.epoch
         return bool(renewed) or last_seq < self.cursor
 
-    def next_read(self) -> str | bytes:
-        """The id the next XREAD of this stream reads after."""
-        return self.read_after or f"{self.cursor}-0"
-
-
-class WakeStream:
-    """A gateway's own small stream, which its hub's blocking XREAD always includes: appending
-    to it makes the read return. Stream ids are persistent, so a wake-up is never missed."""
-
-    def __init__(self, redis: Redis, key: str) -> None:
-        self.key = key
-        self.bkey = key.encode()
-        #: The id the next XREAD reads the wake stream after.
-        self.last = "0-0"
-        #: A wake-up was sent since the current read began (one is enough).
-        self.pending = False
-        self._redis = redis
-        self._sending: set[asyncio.Task[None]] = set()
-
-    def wake(self) -> None:
-        """Make the current read return (soon): append to the stream, in the background."""
-        if not self.pending:
-            self.pending = True
-            task = asyncio.create_task(self._send(), name="streamcoord-hub-wake")
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self) -> None:
-        try:
-            await self.append()
-        except RedisError as exc:  # the reader's own retry covers the new key soon after
-            log.warning("could not wake the hub reader: %s", exc)
-
-    async def append(self) -> str:
-        """Append an entry (the stream keeps 10, and expires unless woken for a day); its id."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self.key, {"w": "1"}, maxlen=10, approximate=False)
-        pipe.expire(self.key, WAKE_TTL_SECONDS)
-        entry_id, _ = await pipe.execute()
-        return str(entry_id.decode())
-
-    async def delete(self) -> None:
-        with contextlib.suppress(RedisError):  # else the key expires by itself
-            await self._redis.delete(self.key)
+    def next_read(self) -> bytes:
+        """The start of the next read of this stream: exclusive, after the cursor."""
+        return b"(" + (self.read_after or b"%d-0" % self.cursor)
 
 
 class Hub:
-    """Reads all streams listened to in this process; fans events out in memory."""
+    """Follows all streams listened to in this process; fans events out in memory."""
 
-    def __init__(self, reader: Redis, redis: Redis, settings: Settings, *, clustered: bool = False) -> None:
-        # The blocking XREAD holds the reader's connection, so it needs a client of its own;
-        # wake-ups go through ``redis`` (shared with history reads), or they would wait for it.
-        self._reader = reader
+    def __init__(self, connector: Connector, redis: Redis, settings: Settings) -> None:
+        # Catch-up reads and checks go through ``redis`` (shared with history reads); live
+        # messages come through the subscriber's own connections.
         self._redis = redis
         self._settings = settings
-        self._clustered = clustered
-        self._changed = asyncio.Event()  # cluster polling: a stream was added
         self.gateway_id = secrets.token_hex(6)
-        self._wake_stream = WakeStream(redis, KeySpace(settings.key_prefix).gateway_wake(self.gateway_id))
+        self._subscriber = Subscriber(connector, self)
         self._streams: dict[bytes, _Stream] = {}
+        self._by_channel: dict[bytes, _Stream] = {}
+        #: Streams whose catch-up read is queued (ordered: the oldest request goes first).
+        self._behind: dict[bytes, None] = {}
+        self._behind_now = asyncio.Event()
+        #: Frames that went live since the last flush, per stream: sent out together.
+        self._ready: dict[_Stream, list[Frame]] = {}
+        self._flush_soon = False
         self._tasks: list[asyncio.Task[None]] = []
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = self._subscriber.stats  # one set of counters
         #: Reads that feeds of one stream, opening at the same moment, share: its state and
         #: tail, a page of its history, its position (to confirm a window).
         self.history_reads: SingleFlight[str, Any] = SingleFlight()
         self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = SingleFlight()
         self.position_reads: SingleFlight[str, Position] = SingleFlight()
         self._revalidate_now = False  # a feed saw Redis disagree with a window
+        self._check_now = asyncio.Event()
         #: Malformed entries skipped by this process's reads (the hub's, and history reads).
         self.skips = SkipLog()
-        self._reading = False
+        self._started = False
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -181,10 +168,12 @@ class Hub:
             window = Window(self._settings.window_events)
             if seen and seen[-1].seq == after:
                 window.extend(seen[-window.limit:])
-            stream = self._streams[bkey] = _Stream(after, window)
-            stream.epoch = epoch  # so a stream created anew is noticed even before an entry
-            self._wake()
-        return self._listen(stream, bkey), stream.cursor
+            stream = self._streams[bkey] = _Stream(bkey, after, window)
+            stream.epoch = epoch  # so a stream created anew is noticed even before an event
+            self._by_channel[stream.channel] = stream
+            if self._started:
+                self._subscriber.add(stream.channel)
+        return self._listen(stream), stream.cursor
 
     def _usable_window(self, key: str) -> tuple[_Stream, Window] | None:
         stream = self._streams.get(key.encode())
@@ -219,17 +208,17 @@ class Hub:
         stream, window = usable
         if not confirmed.confirms(window):
             self._revalidate_now = True
-            self._wake()
+            self._check_now.set()
             return None
         frames = window.start_frames(last_id, latest)
         if frames is None or frames_bytes(frames) > history_bytes(self._settings):
             # Too much to hold for one client at once (big frames): it reads Redis page by page.
             return None
         self.stats["window_hits"] += 1
-        return self._listen(stream, key.encode()), frames
+        return self._listen(stream), frames
 
-    def _listen(self, stream: _Stream, bkey: bytes) -> Listener:
-        listener = Listener(bkey, self._settings.client_queue_size, self._settings.client_queue_bytes)
+    def _listen(self, stream: _Stream) -> Listener:
+        listener = Listener(stream.key, self._settings.client_queue_size, self._settings.client_queue_bytes)
         stream.listeners.add(listener)
         self.stats["subscribed"] += 1
         return listener
@@ -241,6 +230,11 @@ class Hub:
             stream.listeners.discard(listener)
             if not stream.listeners:
                 del self._streams[listener.key]
+                del self._by_channel[stream.channel]
+                self._behind.pop(stream.key, None)
+                self._ready.pop(stream, None)
+                if self._started:
+                    self._subscriber.remove(stream.channel)
 
     def close_all(self, reason: str) -> None:
         """Close every listener (graceful shutdown): their streams end and clients reconnect."""
@@ -258,17 +252,19 @@ class Hub:
 
     @property
     def reading(self) -> bool:
-        """The reader is running (started, and not down between a failure and its restart)."""
-        return self._reading
+        """Started, and the subscriber connected: live events arrive."""
+        return self._started and self._subscriber.connected
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if not self._clustered:
-            self._wake_stream.last = await self._wake_stream.append()
-        self._reading = True
+        self._started = True
+        self._subscriber.start()
+        for stream in self._streams.values():
+            self._subscriber.add(stream.channel)
         self._tasks = [
-            asyncio.create_task(self._keep_reading(), name="streamcoord-hub-reader"),
+            asyncio.create_task(self._keep_running(self._catch_up_forever), name="streamcoord-hub-catch-up"),
+            asyncio.create_task(self._keep_running(self._check_forever), name="streamcoord-hub-check"),
             asyncio.create_task(self._heartbeat_forever(), name="streamcoord-hub-heartbeat"),
         ]
 
@@ -277,117 +273,187 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        self._reading = False
+        await self._subscriber.stop()
+        self._started = False
         self.close_all("shutdown")
-        await self._wake_stream.delete()
 
-    # -- reading -----------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        """Make the reader notice a new stream, or a request to revalidate, now."""
-        if self._clustered:
-            self._changed.set()
-        elif self._tasks:  # started: a read is (or will be) in flight
-            self._wake_stream.wake()
-
-    async def _keep_reading(self) -> None:
-        """Run the reader; if it fails (a bug, a reply of a shape no one expected), log why
-        and run it again after a backoff. Positions are kept, so nothing is lost meanwhile."""
+    async def _keep_running(self, loop: Any) -> None:
+        """Run ``loop``; if it fails (a bug, a reply of a shape no one expected), log why and
+        run it again after a backoff. Positions are kept, so nothing is lost meanwhile."""
         backoff = Backoff(first=0.1, cap=5.0)
         while True:
-            reads = self.stats["reads"]
-            self._reading = True
             try:
-                await (self._poll_forever() if self._clustered else self._read_forever())
+                await loop()
             except Exception:  # anything: a reader that stays dead freezes every stream here
-                self._reading = False
-                if self.stats["reads"] > reads:
-                    backoff.reset()  # it read since its last start: not a failure in a row
                 delay = backoff.delay()
-                log.exception("hub reader failed; restarting it in %.2fs", delay)
+                log.exception("hub %s failed; restarting it in %.2fs", loop.__name__.strip("_"), delay)
                 self.stats["reader_restarts"] += 1
                 await asyncio.sleep(delay)
 
-    async def _read_forever(self) -> None:
+    # -- live messages (the subscriber's sink) -------------------------------------------------
+
+    def on_message(self, channel: bytes, message: bytes) -> None:
+        stream = self._by_channel.get(channel)
+        if stream is None:  # the last listener left while the message was on its way
+            return
+        try:
+            frame = live_frame(message)
+        except MalformedEntry as exc:  # not published by append.lua; a real event lost this
+            # way shows as a gap at the next message, or at the next check
+            self.skips.report(channel, [Skipped(exc.entry_id, exc.kind)])
+            self.stats["skipped_messages"] += 1
+            return
+        self.stats["messages"] += 1
+        buffer = stream.buffer
+        if buffer is None:
+            self._go_on(stream, frame)
+        elif len(buffer) < BUFFER_LIMIT:
+            buffer.append(frame)
+        else:  # the read under way will not reach these: read again after it
+            buffer.clear()
+            self._queue(stream)
+
+    def on_subscribed(self, channel: bytes) -> None:
+        stream = self._by_channel.get(channel)
+        if stream is None:
+            return
+        # Every message from now on arrives: read what was appended before (or while the
+        # subscriber was away), then go on with what arrives meanwhile.
+        stream.subscribed = True
+        if stream.buffer is None:
+            stream.buffer = []
+        self._queue(stream)
+
+    def on_lost(self, channels: Iterable[bytes]) -> None:
+        for channel in channels:
+            stream = self._by_channel.get(channel)
+            if stream is not None:
+                self._flush_one(stream)
+                stream.subscribed = False
+                stream.buffer = []  # nothing arrives until subscribed again, then it is read
+
+    def _go_on(self, stream: _Stream, frame: Frame) -> None:
+        """A live frame of a stream in step: the next event, a repeat, or a gap."""
+        if frame.epoch != stream.epoch and stream.epoch:
+            # Created anew (Redis lost the stream; its writer started it again). Go on from
+            # here: listeners reset their clients on the new epoch and read what precedes this
+            # frame from Redis themselves.
+            self._flush_one(stream)
+            stream.cursor, stream.read_after = frame.seq - 1, b""
+        elif frame.seq <= stream.cursor:
+            return  # a repeat: a read already brought it
+        if frame.seq != stream.cursor + 1:
+            self.stats["gaps"] += 1
+            stream.buffer = [frame]
+            self._queue(stream)
+            return
+        stream.cursor, stream.epoch, stream.read_after = frame.seq, frame.epoch, b""
+        ready = self._ready.get(stream)
+        if ready is None:
+            self._ready[stream] = [frame]
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            ready.append(frame)
+
+    def _flush(self) -> None:
+        """Send what went live since the last flush: one batch per stream."""
+        self._flush_soon = False
+        ready, self._ready = self._ready, {}
+        for stream, frames in ready.items():
+            self._send(stream, frames)
+
+    def _flush_one(self, stream: _Stream) -> None:
+        frames = self._ready.pop(stream, None)
+        if frames:
+            self._send(stream, frames)
+
+    def _send(self, stream: _Stream, frames: list[Frame]) -> None:
+        stream.window.extend(frames)
+        batch = make_batch(frames)
+        for listener in stream.listeners:
+            listener.push(batch)
+        self.stats["events"] += len(frames)
+        self.stats["deliveries"] += len(frames) * len(stream.listeners)
+
+    def _rewind(self, stream: _Stream) -> None:
+        """Redis lost events of ``stream`` (created anew, or cut back): read it from its start;
+        its listeners reset their clients."""
+        self._flush_one(stream)
+        log.info("stream %s lost events in Redis; reading it from its start", stream.key.decode())
+        stream.cursor, stream.epoch, stream.read_after = 0, b"", b""
+        stream.window.clear()
+        self.stats["rewinds"] += 1
+        for listener in stream.listeners:
+            listener.push(REWIND)
+
+    # -- reading the streams -------------------------------------------------------------------
+
+    def _queue(self, stream: _Stream) -> None:
+        """Read ``stream`` after its cursor soon (live messages wait in its buffer meanwhile)."""
+        if stream.buffer is None:
+            stream.buffer = []
+        if not stream.queued:
+            stream.queued = True
+            self._behind[stream.key] = None
+            self._behind_now.set()
+
+    async def _catch_up_forever(self) -> None:
         backoff = Backoff(first=0.05, cap=2.0)
-        revalidate_at = time.monotonic() + REVALIDATE_SECONDS
         while True:
-            if self._revalidate_now or time.monotonic() >= revalidate_at:
-                self._revalidate_now = False
-                try:
-                    await self._revalidate()
-                    revalidate_at = time.monotonic() + REVALIDATE_SECONDS
-                except (RedisError, OSError):
-                    pass  # the read below fails too and backs off
-            self._wake_stream.pending = False
-            wanted: dict[str | bytes, str | bytes] = {self._wake_stream.key: self._wake_stream.last}
-            for key, stream in self._streams.items():
-                wanted[key] = stream.next_read()
+            if not self._behind:
+                self._behind_now.clear()
+                await self._behind_now.wait()
+            keys = list(itertools.islice(self._behind, CATCH_UP_STREAMS))
             try:
-                reply: Any = await self._reader.xread(
-                    wanted, count=READ_COUNT, block=self._settings.block_ms  # type: ignore[arg-type]
-                )
+                await self._catch_up(keys)
             except (RedisError, OSError) as exc:  # reads with explicit ids are safe to retry
-                # Positions are kept, so nothing is lost: the next read resumes from them (also
-                # after a Sentinel failover, whose blocked reads fail with -UNBLOCKED).
                 delay = backoff.delay()
                 log.warning("hub read failed (%s); retrying in %.2fs", exc, delay)
                 self.stats["read_errors"] += 1
                 await asyncio.sleep(delay)
-                revalidate_at = 0  # Redis may have lost data while we were away
                 continue
             backoff.reset()
-            self.stats["reads"] += 1
-            for key, entries in reply or ():
-                self._dispatch(key, entries)
 
-    async def _poll_forever(self) -> None:
-        """The cluster's reader: poll every followed stream, one pipeline per round."""
-        backoff = Backoff(first=0.05, cap=2.0)
-        revalidate_at = time.monotonic() + REVALIDATE_SECONDS
-        while True:
-            by_slot: dict[int, dict[str | bytes, str | bytes]] = {}
-            for key, stream in self._streams.items():
-                by_slot.setdefault(key_slot(key), {})[key] = stream.next_read()
-            if not by_slot:
-                self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self._settings.block_ms / 1000)
+    async def _catch_up(self, keys: list[bytes]) -> None:
+        """One round: the state and what follows the cursor of each stream in ``keys``."""
+        streams = [self._streams[key] for key in keys]
+        pipe = self._redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.hmget(KeySpace.state_of(stream.key), POSITION_FIELDS)
+            pipe.xrange(stream.key, stream.next_read(), b"+", count=READ_COUNT)
+        replies = await pipe.execute()
+        self.stats["reads"] += 1
+        for index, stream in enumerate(streams):
+            if self._streams.get(stream.key) is not stream:
+                continue  # its listeners left while it was read
+            del self._behind[stream.key]
+            stream.queued = False
+            (epoch, last_seq), entries = replies[2 * index], replies[2 * index + 1]
+            self.stats["catch_ups"] += 1
+            if (last_seq or b"0").isdigit() and stream.lost_events(epoch, int(last_seq or 0)):
+                self._rewind(stream)
+                self._queue(stream)
                 continue
-            try:
-                if self._revalidate_now or time.monotonic() >= revalidate_at:
-                    self._revalidate_now = False
-                    await self._revalidate()
-                    revalidate_at = time.monotonic() + REVALIDATE_SECONDS
-                pipe = self._reader.pipeline(transaction=False)
-                for streams in by_slot.values():
-                    pipe.xread(streams, count=READ_COUNT)  # type: ignore[arg-type]
-                replies: Any = await pipe.execute()
-            except (RedisError, OSError) as exc:  # reads with explicit ids are safe to retry
-                delay = backoff.delay()
-                log.warning("hub poll failed (%s); retrying in %.2fs", exc, delay)
-                self.stats["read_errors"] += 1
-                await asyncio.sleep(delay)
-                revalidate_at = 0
+            self._dispatch(stream.key, entries)
+            if len(entries) >= READ_COUNT:
+                self._queue(stream)  # more to read
                 continue
-            backoff.reset()
-            self.stats["reads"] += 1
-            read = False
-            for reply in replies:
-                for key, entries in reply or ():
-                    self._dispatch(key, entries)
-                    read = True
-            if not read:
-                self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), POLL_SECONDS)
+            if stream.subscribed:
+                waiting, stream.buffer = stream.buffer or [], None  # live from here
+                for frame in waiting:
+                    if stream.buffer is not None:  # a gap among them: read again
+                        stream.buffer.append(frame)
+                    elif epoch is None or frame.epoch == epoch:
+                        self._go_on(stream, frame)
+                    # else published before this read, by an incarnation of the stream Redis
+                    # no longer holds: stale
 
     def _dispatch(self, key: bytes, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        if key == self._wake_stream.bkey:
-            self._wake_stream.last = entries[-1][0].decode()
-            return
+        """Hand the listeners of ``key`` what a read brought (entries after its cursor)."""
         stream = self._streams.get(key)
-        if stream is None:  # the last listener left while the read was in flight
+        if stream is None or not entries:  # the last listener left while the read was in flight
             return
         frames, skipped = entry_frames(entries)
         if skipped:
@@ -397,19 +463,28 @@ class Hub:
         if not frames:
             stream.read_after = last_id
             return
+        self._flush_one(stream)  # what went live before this read goes out first
         stream.cursor, stream.epoch = frames[-1].seq, frames[-1].epoch
         stream.read_after = b"" if last_id == b"%d-0" % stream.cursor else last_id
-        stream.window.extend(frames)
-        batch = make_batch(frames)
-        for listener in stream.listeners:
-            listener.push(batch)
-        self.stats["events"] += len(frames)
-        self.stats["deliveries"] += len(frames) * len(stream.listeners)
+        self._send(stream, frames)
+
+    async def _check_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REVALIDATE_SECONDS):
+                    await self._check_now.wait()
+            self._check_now.clear()
+            self._revalidate_now = False
+            try:
+                await self._revalidate()
+            except (RedisError, OSError) as exc:
+                log.warning("hub check of its streams failed: %s", exc)
 
     async def _revalidate(self) -> None:
-        """Rewind the cursor of every followed stream that lost events in Redis (created anew
-        under a new epoch, or cut back by a failover): XREAD from the old position would skip
-        what is written from now on. Listeners are told, and reset their clients."""
+        """Check every followed stream against its state record: one that lost events in Redis
+        (created anew under a new epoch, or cut back by a failover) is read from its start, and
+        its listeners reset their clients; one Redis holds more of than the hub saw (a lost
+        message after which none came) is read after its cursor."""
         followed = list(self._streams.items())
         if not followed:
             return
@@ -418,15 +493,14 @@ class Hub:
             pipe.hmget(KeySpace.state_of(key), POSITION_FIELDS)
         replies = await pipe.execute()
         for (key, stream), (epoch, last_seq) in zip(followed, replies, strict=True):
-            if not (last_seq or b"0").isdigit():
-                continue  # a state record written by hand: it cannot tell
+            if self._streams.get(key) is not stream or not (last_seq or b"0").isdigit():
+                continue  # gone meanwhile, or a state record written by hand: it cannot tell
             if stream.lost_events(epoch, int(last_seq or 0)):
-                log.info("stream %s lost events in Redis; reading it from its start", key.decode())
-                stream.cursor, stream.epoch, stream.read_after = 0, b"", b""
-                stream.window.clear()
-                self.stats["rewinds"] += 1
-                for listener in stream.listeners:
-                    listener.push(REWIND)
+                self._rewind(stream)
+                self._queue(stream)
+            elif int(last_seq or 0) > stream.cursor and epoch == stream.epoch and stream.buffer is None:
+                self.stats["behind"] += 1  # (or a message on its way: the read is harmless)
+                self._queue(stream)
 
     async def _heartbeat_forever(self) -> None:
         while True:

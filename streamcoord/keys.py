@@ -5,8 +5,8 @@ land in one Redis Cluster slot and the append script may touch both::
 
     <prefix>:{<app>.<Model>:<pk>}:events   STREAM  the task's events; entry id <seq>-0
     <prefix>:{<app>.<Model>:<pk>}:state    HASH    state, epoch, last_seq, last_type, timestamps
+    <prefix>:{<app>.<Model>:<pk>}:live     shard channel (SPUBLISH): each event as it is appended
     <prefix>:models                        HASH    lower-cased model names -> "app.Model"
-    <prefix>:gateway:<id>:wake             STREAM  wakes one gateway's reader when it gains a stream
     <prefix>:jobs                          STREAM  tasks to run; consumer group "workers"
     <prefix>:workers                       HASH    worker id -> JSON (host, pid, heartbeat, ...)
     <prefix>:worker:<id>:running           SET     labels of the tasks a worker runs now
@@ -90,11 +90,18 @@ class KeySpace:
         """The state key of the task whose events key is given (same task, same hash tag)."""
         return events_key.removesuffix(b":events") + b":state"
 
+    def live(self, ref: TaskRef) -> str:
+        """The task's shard channel: ``append.lua`` publishes every event there as it appends
+        it (same hash tag, so the same cluster slot and node as the stream)."""
+        return f"{self.prefix}:{{{ref.label}}}:live"
+
+    @staticmethod
+    def live_of(events_key: bytes) -> bytes:
+        """The shard channel of the task whose events key is given."""
+        return events_key.removesuffix(b":events") + b":live"
+
     def models(self) -> str:
         return f"{self.prefix}:models"
-
-    def gateway_wake(self, gateway_id: str) -> str:
-        return f"{self.prefix}:gateway:{gateway_id}:wake"
 
     def jobs(self) -> str:
         return f"{self.prefix}:jobs"

@@ -18,8 +18,10 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from types import FrameType
+from typing import cast
 
 import uvicorn
+from redis.asyncio.cluster import RedisCluster
 
 from .connection import RedisFactory
 from .errors import ConfigurationError
@@ -28,6 +30,7 @@ from .gateway import ExtraRoutes, Gateway
 from .guard import guarded_protocol
 from .hub import Hub
 from .settings import Settings
+from .subscriber import ClusterConnector, Connector, PoolConnector
 
 log = logging.getLogger(__name__)
 
@@ -180,19 +183,24 @@ async def gateway_parts(
 ) -> AsyncIterator[Gateway]:
     """A started gateway (hub running) and its Redis clients, closed on exit."""
     factory = factory or RedisFactory(settings)
-    # The hub's blocking read holds one connection; history reads and the rest share three
-    # more, waiting for a free one under load rather than opening more (or failing).
+    # History and catch-up reads and the rest share three connections, waiting for a free one
+    # under load rather than opening more (or failing); live events come on the subscriber's
+    # own connection (one per node in a cluster), which speaks RESP2: one parse per message.
     redis = factory.client("gateway", max_connections=3, wait_seconds=30)
-    reader = factory.client("gateway-reader", max_connections=1)
-    await factory.ready(redis, reader)
-    hub = Hub(reader, redis, settings, clustered=factory.clustered)
+    subscriber = factory.client("gateway-subscriber", max_connections=1, protocol=2)
+    await factory.ready(redis, subscriber)
+    connector: Connector = (
+        ClusterConnector(cast(RedisCluster, subscriber)) if factory.clustered
+        else PoolConnector(subscriber.connection_pool)
+    )
+    hub = Hub(connector, redis, settings)
     await hub.start()
     try:
         yield Gateway(EventLog(redis, settings), hub, settings, extra_routes)
     finally:
         await hub.stop()
         await factory.close()
-        await reader.aclose()
+        await subscriber.aclose()
         await redis.aclose()
 
 

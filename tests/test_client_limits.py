@@ -30,6 +30,7 @@ from streamcoord.ids import EventId
 from streamcoord.listener import HEARTBEAT, REWIND, Batch, Listener, make_batch
 from streamcoord.resume import read_snapshot
 from streamcoord.settings import Settings
+from streamcoord.subscriber import PoolConnector
 from streamcoord.stall import WriteStall, unsent_bytes
 from streamcoord.window import frames_bytes, history_bytes, newest_within, runs_within
 
@@ -250,7 +251,7 @@ async def test_the_snapshot_tail_and_history_pages_are_sized_in_bytes(fake: fake
     snapshot = await read_snapshot(log, JOB)
     assert snapshot.tail[-1].seq == 40
     assert frames_bytes(snapshot.tail) <= history_bytes(SMALL) // 2 < frames_bytes(snapshot.tail) + 2100
-    hub = Hub(fake, fake, SMALL)
+    hub = Hub(PoolConnector(fake.connection_pool), fake, SMALL)
     history = History(log, hub, JOB, snapshot.tail)
     assert history.page_size == history_bytes(SMALL) // 2 // len(snapshot.tail[0].data)
     page = await history.page(0)
@@ -264,7 +265,7 @@ async def test_history_goes_out_in_chunks_of_bounded_bytes_and_complete(
     log = EventLog(fake, SMALL)
     await big_events(log, 100, pad=20_000)  # ~2 MB of history, pages of one frame or two
     await log.writer(JOB).append("complete", {})
-    hub = Hub(fake, fake, SMALL)
+    hub = Hub(PoolConnector(fake.connection_pool), fake, SMALL)
     feed = await Feed.open(log, hub, JOB)
     chunks = [chunk async for chunk in feed.chunks()]
     assert all(len(c) <= CHUNK_BYTES or c.count(b"\nid: ") == 0 for c in chunks)
@@ -276,7 +277,7 @@ async def test_history_goes_out_in_chunks_of_bounded_bytes_and_complete(
 async def test_a_window_start_bigger_than_a_clients_history_reads_redis_instead(
     fake: fakeredis.FakeAsyncRedis,
 ) -> None:
-    hub = Hub(fake, fake, SMALL)
+    hub = Hub(PoolConnector(fake.connection_pool), fake, SMALL)
     follower, _ = hub.subscribe("sc:k", 0)
     entries = [(b"%d-0" % n, {b"epoch": b"e1", b"type": b"progress", b"data": b"x" * 1000}) for n in range(1, 21)]
     hub._dispatch(b"sc:k", entries)  # a window of 20 frames of ~1 KB: 20 KB > 8 KB
@@ -296,7 +297,7 @@ async def test_history_from_the_window_counts_against_the_listener_until_sent(
     settings = Settings(client_queue_bytes=512 * 1024)
     log = EventLog(fake, settings)
     await big_events(log, 60, pad=3000)
-    hub = Hub(fake, fake, settings)
+    hub = Hub(PoolConnector(fake.connection_pool), fake, settings)
     key = log.keys.events(JOB)
     entries: Any = await fake.xrange(key)
     hub.subscribe(key, 0)

@@ -1,5 +1,5 @@
 """Our reasoning in Listener, Hub, the start of a feed and Feed, against fakeredis: the hub's
-reader is never started; tests hand it XREAD-shaped replies through ``Hub._dispatch`` themselves."""
+reader is never started; tests hand it read replies (XRANGE entries) through ``Hub._dispatch`` themselves."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from streamcoord.codec import Frame
 from streamcoord.errors import UnknownTask
 from streamcoord.eventlog import EventLog
 from streamcoord.feed import Feed
-from streamcoord.hub import Hub, Position, WakeStream
+from streamcoord.hub import Hub, Position
 from streamcoord.ids import EventId
 from streamcoord.keys import TaskRef
 from streamcoord.listener import HEARTBEAT, REWIND, Batch, BatchKind, Listener, make_batch
 from streamcoord.settings import Settings
+from streamcoord.subscriber import PoolConnector
 from streamcoord.window import Window
 
 REF = TaskRef("shop", "Job", "1")
@@ -127,9 +128,7 @@ def log(redis: fakeredis.FakeAsyncRedis, settings: Settings) -> EventLog:
 async def hub(
     server: fakeredis.FakeServer, redis: fakeredis.FakeAsyncRedis, settings: Settings
 ) -> AsyncIterator[Hub]:
-    reader = fakeredis.FakeAsyncRedis(server=server)
-    yield Hub(reader, redis, settings)  # never started: tests dispatch themselves
-    await reader.aclose()
+    yield Hub(PoolConnector(redis.connection_pool), redis, settings)  # never started: tests dispatch themselves
 
 
 @pytest.fixture
@@ -146,7 +145,7 @@ async def publish(log: EventLog, *types: str) -> list[EventId]:
 
 
 async def dispatch(hub: Hub, log: EventLog, first: int, last: int) -> None:
-    """Hand the hub events first..last as its XREAD would, read from the stream itself."""
+    """Hand the hub events first..last as its catch-up read would, read from the stream itself."""
     key = log.keys.events(REF)
     entries = await log.redis.xrange(key, f"{first}-0", f"{last}-0")
     assert entries, "nothing to dispatch"
@@ -291,7 +290,7 @@ def test_heartbeats_and_rewinds_are_batches_of_their_own_kind_without_frames() -
 
 
 async def test_the_hub_sends_heartbeats_to_every_listener(redis: fakeredis.FakeAsyncRedis) -> None:
-    hub = Hub(redis, redis, Settings(heartbeat_seconds=0.01))
+    hub = Hub(PoolConnector(redis.connection_pool), redis, Settings(heartbeat_seconds=0.01))
     listener, _ = hub.subscribe("sc:k", 0)
     beating = asyncio.create_task(hub._heartbeat_forever())
     try:
@@ -308,22 +307,6 @@ def test_a_position_read_from_redis_confirms_a_window_only_if_redis_holds_what_i
     assert Position(b"e1", 7, window_last=5).confirms(window)  # Redis is ahead of the hub: fine
     assert not Position(b"e1", 4, window_last=5).confirms(window)  # cut back under the hub
     assert not Position(b"e2", 9, window_last=5).confirms(window)  # created anew
-
-
-async def test_the_wake_stream_appends_once_per_read(redis: fakeredis.FakeAsyncRedis) -> None:
-    wake = WakeStream(redis, "sc:gateway:g1:wake")
-    first = await wake.append()
-    wake.wake()
-    wake.wake()  # the read is woken already
-    await wait_until(lambda: not wake._sending)
-    assert await redis.xlen(wake.key) == 2
-    wake.pending = False  # as the hub does when its next read begins
-    wake.wake()
-    await wait_until(lambda: not wake._sending)
-    entries = await redis.xrange(wake.key, f"({first}", "+")
-    assert len(entries) == 2 and await redis.ttl(wake.key) > 0
-    await wake.delete()
-    assert not await redis.exists(wake.key)
 
 
 # -- 3. Feed -----------------------------------------------------------------------------------
@@ -548,7 +531,7 @@ async def test_revalidate_rewinds_a_stream_created_anew_under_a_history_only_lis
     key = log.keys.events(REF).encode()
     await hub._revalidate()
     assert hub._streams[key].cursor == 0
-    await dispatch(hub, log, 1, 3)  # what the hub's next XREAD returns from the rewound cursor
+    await dispatch(hub, log, 1, 3)  # what the hub's catch-up read returns from the rewound cursor
     await asyncio.wait_for(client.task, TIMEOUT)
     received = parse(b"".join(client.chunks))
     assert [event for _, event, _ in received] == ["progress"] * 3 + ["reset", "progress", "progress", "complete"]
@@ -593,7 +576,7 @@ async def test_a_resume_before_the_window_reads_the_rest_from_redis(
 ) -> None:
     small = Settings(window_events=3)
     log = EventLog(redis, small)
-    hub = Hub(fakeredis.FakeAsyncRedis(server=server), redis, small)
+    hub = Hub(PoolConnector(redis.connection_pool), redis, small)
     ids = await publish(log, *["progress"] * 8)
     await open_client(log, hub, clients)  # seeds the window with the stream's tail: 6..8
     await wait_until(lambda: hub.listener_count == 1)

@@ -1,6 +1,6 @@
 """The hub's reader survives what Redis returns (issue 11): a malformed entry written by hand is
 skipped and logged, live and in history reads, and a reader that fails anyway is restarted,
-with ``/ready`` answering 503 while it is down.
+with ``/ready`` answering 503 while its subscriber is down.
 
 The gateway tests run a real gateway subprocess on a real redis-server (marked ``system``);
 the restart tests drive a hub on fakeredis.
@@ -23,6 +23,7 @@ from streamcoord.codec import MalformedEntry, SkipLog, Skipped, entry_frame, ent
 from streamcoord.gateway import Gateway as GatewayApp
 from streamcoord.hub import Hub
 from streamcoord.settings import Settings
+from streamcoord.subscriber import PoolConnector
 
 from .processes import Gateway
 from .rawsse import RawSSE, SSEEvent
@@ -108,8 +109,9 @@ def test_skip_log_names_each_kind_once_per_stream(caplog: pytest.LogCaptureFixtu
 @pytest.fixture
 async def fake_hub() -> AsyncIterator[Hub]:
     server = fakeredis.FakeServer()
-    reader, redis = fakeredis.FakeAsyncRedis(server=server), fakeredis.FakeAsyncRedis(server=server)
-    hub = Hub(reader, redis, Settings(block_ms=50, heartbeat_seconds=60, stream_auth="public"))
+    reader = fakeredis.FakeAsyncRedis(server=server, protocol=2)
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    hub = Hub(PoolConnector(reader.connection_pool), redis, Settings(heartbeat_seconds=60, stream_auth="public"))
     yield hub
     await hub.stop()
     await reader.aclose()
@@ -123,16 +125,18 @@ async def test_a_malformed_entry_is_skipped_and_the_stream_goes_on(fake_hub: Hub
     assert [f.seq for b in await listener.take() for f in b.frames] == [1]
     # The next read goes on after the skipped entry, not after the cursor (it would read the
     # skipped one again, forever).
-    assert fake_hub._streams[b"sc:k"].next_read() == b"1-1"
+    assert fake_hub._streams[b"sc:k"].next_read() == b"(1-1"
     fake_hub._dispatch(b"sc:k", [(b"1-2", {b"foo": b"bar"})])
-    assert fake_hub._streams[b"sc:k"].next_read() == b"1-2"
+    assert fake_hub._streams[b"sc:k"].next_read() == b"(1-2"
     fake_hub._dispatch(b"sc:k", [(b"2-0", GOOD)])
-    assert fake_hub._streams[b"sc:k"].next_read() == "2-0"
+    assert fake_hub._streams[b"sc:k"].next_read() == b"(2-0"
     assert [f.seq for b in await listener.take() for f in b.frames] == [2]
     assert fake_hub.stats["skipped_entries"] == 2
-    # And through a real read loop: the reader lives on and delivers what follows.
+    # And through the real subscription: once subscribed, the hub reads what it missed (after
+    # the skipped entry) and delivers it.
     await redis.xadd("sc:k", {b"foo": b"bar"}, id="2-1")
     await redis.xadd("sc:k", GOOD, id="3-0")
+    await redis.hset("sc:k:state", mapping={"epoch": "e1", "last_seq": 3})
     await fake_hub.start()
     batches = await asyncio.wait_for(listener.take(), TIMEOUT)
     assert [f.seq for b in batches for f in b.frames] == [3]
@@ -142,42 +146,60 @@ async def test_a_malformed_entry_is_skipped_and_the_stream_goes_on(fake_hub: Hub
 async def test_a_reader_that_fails_is_restarted_and_ready_says_so_meanwhile(
     fake_hub: Hub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A bug in the subscriber's read loop drops its connection: it is logged with its
+    traceback, ``/ready`` answers 503 until it is back, and the streams go on exactly."""
     app = GatewayApp(EventLog(fake_hub._redis, fake_hub._settings), fake_hub, fake_hub._settings)
-    real = fake_hub._read_forever
+    real = fake_hub.on_message
     failed, release = asyncio.Event(), asyncio.Event()
-    starts = 0
+    calls = 0
 
-    async def fails_once() -> None:
-        nonlocal starts
-        starts += 1
-        if starts == 1:
-            await release.wait()
+    def fails_once(channel: bytes, message: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
             failed.set()
             raise RuntimeError("a bug in the reader")
-        await real()
+        real(channel, message)
 
-    monkeypatch.setattr(fake_hub, "_read_forever", fails_once)
+    connector = fake_hub._subscriber.connector
+    real_connect = connector.connect
+
+    async def held_after_the_failure(node: str) -> Any:
+        if failed.is_set():
+            await release.wait()
+        return await real_connect(node)
+
+    monkeypatch.setattr(connector, "connect", held_after_the_failure)
+    monkeypatch.setattr(fake_hub._subscriber, "sink", type("Sink", (), {
+        "on_message": staticmethod(fails_once),
+        "on_subscribed": staticmethod(fake_hub.on_subscribed),
+        "on_lost": staticmethod(fake_hub.on_lost),
+    })())
     assert not fake_hub.reading  # not started yet
     await fake_hub.start()
-    assert fake_hub.reading
+    await until(lambda: fake_hub.reading, TIMEOUT, "the subscriber to connect")
     assert (await app._ready())[0] == 200
-    release.set()
+    log = EventLog(fake_hub._redis, fake_hub._settings)
+    listener, _ = fake_hub.subscribe(log.keys.events(BROKEN), 0)
+    await until(lambda: fake_hub._streams[listener.key].buffer is None, TIMEOUT, "the stream to go live")
+    await append(log, BROKEN, 1, 1)
     await asyncio.wait_for(failed.wait(), TIMEOUT)
-    await asyncio.sleep(0)
-    assert not fake_hub.reading
+    await until(lambda: not fake_hub.reading, TIMEOUT, "the subscriber to drop its connection")
     status, _, body = await app._ready()
     assert (status, body) == (503, "hub reader down")
-    await until(lambda: fake_hub.reading, TIMEOUT, "the reader to be restarted")
-    assert starts == 2
+    release.set()
+    await until(lambda: fake_hub.reading, TIMEOUT, "the subscriber to reconnect")
     assert (await app._ready())[0] == 200
-    assert fake_hub.stats["reader_restarts"] == 1
-    failure = [r for r in caplog.records if "hub reader failed" in r.getMessage()]
+    assert fake_hub.stats["link_drops"] == 1
+    failure = [r for r in caplog.records if "subscriber connection to redis failed" in r.getMessage()]
     assert failure and failure[0].exc_info is not None  # with its traceback
-    # The restarted reader delivers.
-    listener, _ = fake_hub.subscribe("sc:k", 0)
-    await fake_hub._redis.xadd("sc:k", GOOD, id="1-0")
-    batches = await asyncio.wait_for(listener.take(), TIMEOUT)
-    assert [f.seq for b in batches for f in b.frames] == [1]
+    # The event whose message was lost is read from the stream, and what follows goes live.
+    await append(log, BROKEN, 2, 2, complete=True)
+    seqs: list[int] = []
+    while len(seqs) < 3:
+        batches = await asyncio.wait_for(listener.take(), TIMEOUT)
+        seqs += [f.seq for b in batches for f in b.frames]
+    assert seqs == [1, 2, 3]
 
 
 # -- a real gateway on a real redis-server ----------------------------------------------------
@@ -185,7 +207,9 @@ async def test_a_reader_that_fails_is_restarted_and_ready_says_so_meanwhile(
 
 @pytest.mark.system
 async def test_a_malformed_entry_freezes_nothing(gateway: Gateway, event_log: EventLog, redis: Redis, sse: Any) -> None:
-    """Issue 11: two followed streams; a malformed entry XADDed by hand into one. Both go on."""
+    """Issue 11: two followed streams; a malformed entry XADDed by hand into one. Both go on.
+    (Live events come by Pub/Sub, so the hub reads the stream, and meets the entries, only when
+    it catches up: whether it logs them depends on timing; that it never stops does not.)"""
     await append(event_log, BROKEN, 1, 1)
     await append(event_log, HEALTHY, 1, 1)
     broken = await sse(gateway.socket, "/stream/Job/1")
@@ -200,8 +224,8 @@ async def test_a_malformed_entry_freezes_nothing(gateway: Gateway, event_log: Ev
     check_in_order(await events(healthy), 21, first=2)
     check_in_order(await events(broken), 21, first=2)
     log_text = gateway.log_text()
-    assert f"skipped malformed entry 1-1 of stream {key}: no epoch field" in log_text, log_text
-    assert f"skipped malformed entry 1-2 of stream {key}: epoch is empty" in log_text, log_text
+    skipped = [line for line in log_text.splitlines() if "skipped malformed entry" in line]
+    assert len(skipped) <= 2 and all(f"1-1 of stream {key}: no epoch" in line or f"1-2 of stream {key}: epoch is empty" in line for line in skipped), log_text
     assert "Traceback" not in log_text, log_text
     async with http(gateway) as client:
         ready = await client.get("/ready")

@@ -80,7 +80,8 @@ def test_keys_exact() -> None:
     assert ks.events(ref) == "sc:{app.Model:1}:events"
     assert ks.state(ref) == "sc:{app.Model:1}:state"
     assert ks.models() == "sc:models"
-    assert ks.gateway_wake("g1") == "sc:gateway:g1:wake"
+    assert ks.live(ref) == "sc:{app.Model:1}:live"
+    assert KeySpace.live_of(ks.events(ref).encode()) == ks.live(ref).encode()
 
 
 def _hash_tag(key: str) -> str:

@@ -22,8 +22,8 @@ from .processes import RedisServer
 
 SCRIPTS = sorted(Path(streamcoord.__file__).parent.glob("*.lua"))
 #: Lowercase words a script may spell besides state and field names: its modes and replies,
-#: the fields of a stream entry, and Redis's names of key types.
-SCRIPT_WORDS = {"start", "lazy"} | set(Status) | set(Verdict) | {"epoch", "type", "data"} | {"stream", "hash", "none"}
+#: the fields of a stream entry, Redis's names of key types, and the live channel's suffix.
+SCRIPT_WORDS = {"start", "lazy"} | set(Status) | set(Verdict) | {"epoch", "type", "data"} | {"stream", "hash", "none"} | {"live"}
 
 
 def test_every_script_is_known_and_documents_its_contract() -> None:
