@@ -7,7 +7,7 @@ Routes::
     GET /stream/{app_label}/{Model}/{id}  the same, naming the app
     OPTIONS /stream/...                   a CORS preflight (``Settings.cors_origins``)
     GET /health                           200 "OK" while the process serves
-    GET /ready                            200 "READY" when Redis answers and the reader runs, else 503
+    GET /ready                            200 "READY" when Redis answers and the subscriber is connected, else 503
 
 On the admin listener only (``--admin-socket``/``--admin-port``; never the public port, where
 these paths answer 404)::

@@ -9,8 +9,9 @@
    by the ``streamcoord:<role>:<pid>`` names) that does not grow with its clients.
 2. The slots of running tasks move to another master mid-stream (``CLUSTER SETSLOT ...
    MIGRATING/IMPORTING``, ``MIGRATE``, ``SETSLOT ... NODE``: what ``redis-cli --cluster
-   reshard`` does, slot by slot), so writers, the gateways' poller and the workers go through
-   ASK and then MOVED redirections; every client still gets everything exactly once.
+   reshard`` does, slot by slot), so writers, the gateways' catch-up reads and the workers go
+   through ASK and then MOVED redirections, and the gateways' shard-channel subscriptions move
+   (Redis unsubscribes them from the old owner); every client still gets everything exactly once.
 
 Figures (connections, timings) are printed (``pytest -s``) and kept in ``cluster-report.jsonl``
 in the test's temporary directory; nothing asserts on speed.
@@ -309,7 +310,7 @@ def said_about_redis(handle: Gateway) -> dict[str, int]:
     """What a process's log says about Redis trouble, by kind."""
     text = handle.log_text()
     needles = {
-        "poll failed": "hub poll failed", "append retried": "append to", "ClusterError": "ClusterError",
+        "read failed": "hub read failed", "subscriber lost": "subscriber connection to", "append retried": "append to", "ClusterError": "ClusterError",
         "TTL exhausted": "TTL exhausted", "redis failed under task": "Redis failed under it",
         "fenced": "another worker owns it now", "traceback": "Traceback",
     }
@@ -378,14 +379,18 @@ async def test_slots_of_running_tasks_move_to_another_master_mid_stream(tmp_path
                 tmp_path, "slots moved mid-stream", tasks=count, moved_tasks=len(moving),
                 slots=slots, keys_moved=moved_keys, move_s=round(moved_s, 2), source=source, target=target,
                 reconnects=sum(len(f.statuses) - 1 for f in followers),
-                # The hub's poll rounds and failed rounds: right after the move, and at the end.
+                # The hub's catch-up rounds and failed ones: right after the move, and at the end;
+                # the subscriptions Redis dropped when a slot moved.
                 hub_reads_after_move=[s.get("reads", 0) for s in stats_after_move],
                 hub_reads_at_end=[s.get("reads", 0) for s in stats],
                 hub_read_errors_at_end=[s.get("read_errors", 0) for s in stats],
+                server_unsubscribes=[s.get("server_unsubscribes", 0) for s in stats],
                 listeners_at_end=[s.get("listeners") for s in stats],
                 log_lines={h.log.stem: said_about_redis(h) for h in (*gateways, w1, w2)},
             )
             assert not problems, "\n".join(problems[:30]) + "\n" + logs(*gateways, w1, w2)
+            # The first slot moved while its task ran: Redis dropped the gateways' subscriptions.
+            assert sum(s.get("server_unsubscribes", 0) for s in stats) >= 1, stats
     finally:
         await redis.aclose()
         await nodes.aclose()

@@ -20,7 +20,7 @@ from typing import Any
 from . import stats
 from .contenders import Contender, Endpoint
 from .load import Connection, LoadClients, LoadPlan, merge_reports
-from .pacing import event_count
+from .pacing import event_count, paced_rounds
 from .procs import time_limit
 from .sampler import ProcSampler, proc_rss_mb
 
@@ -75,6 +75,9 @@ async def publish_all(contender: Contender, load: LiveLoad) -> int:
     so the streams do not publish in lockstep); returns the events per stream."""
     if load.streams == 1:
         return await contender.publish(1, load.rate, load.seconds)
+    send = getattr(contender, "publish_due", None)
+    if send is not None:  # many streams from one loop (see pacing.paced_rounds)
+        return await paced_rounds(load.streams, load.rate, load.seconds, send)
 
     async def one(stream: int) -> int:
         await asyncio.sleep(random.random() / load.rate)

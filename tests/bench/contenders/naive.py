@@ -12,7 +12,7 @@ from pathlib import Path
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import UnixDomainSocketConnection
 
-from ..pacing import event_count, paced, stamped_data
+from ..pacing import Due, event_count, paced, stamped_data
 from ..procs import RedisServer, make_dir, python_argv
 from . import Endpoint
 from .naiveapp import stream_key
@@ -65,6 +65,18 @@ class Naive:
             ids.append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
         await self.redis.xadd(key, {"type": "complete", "data": stamped_data(stream, total + 1)})
         return total
+
+    async def publish_due(self, due: list[Due]) -> None:
+        """Many streams' events at once (see pacing.paced_rounds): one pipeline of XADDs."""
+        assert self.redis is not None
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, n, complete in due:
+            pipe.xadd(stream_key(stream), {
+                "type": "complete" if complete else "progress", "data": stamped_data(stream, n),
+            })
+        for (stream, _, complete), entry_id in zip(due, await pipe.execute(), strict=True):
+            if not complete:
+                self.ids[stream].append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     # -- beyond the Contender protocol: resume and Redis figures ---------------------------
 

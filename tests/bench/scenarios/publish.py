@@ -11,6 +11,10 @@ What it measures
     - ``raw redis-py XADD (awaited)`` and ``(pipelined 100)``: ``redis.asyncio`` (hiredis) on
       the same unix socket, each entry the very fields the append script writes (``epoch``,
       ``type``, ``data`` with the same encoded JSON), no trimming, no state record;
+    - ``raw redis-py XADD + SPUBLISH (pipelined 100)``: the bare pair a live event needs (the
+      entry, and its message on a shard channel), for the Redis CPU an event costs
+      (``redis_cpu_us_per_event``) next to the append script's (``redis_cpu_vs_bare_pair_x``;
+      target <= 2);
     - ``redis-benchmark XADD``: Redis's own C client, 50 connections, with ``-P 16`` and
       without: the ceiling of this Redis on this machine.
 
@@ -114,6 +118,7 @@ class Meter:
             "events_per_s": events / wall,
             "worker_cpu_pct": 100 * cpu / wall,
             "redis_cpu_pct": 100 * redis_cpu / wall,
+            "redis_cpu_us_per_event": 1e6 * redis_cpu / max(1, events),
             # Busy CPU of everything else on this shared machine, in % of one core.
             "other_cpu_pct": max(0.0, 100 * others / wall),
         }
@@ -151,7 +156,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[Any, Any] = {"epoch": "3f9a02bc", "type": "progress", "data": sample_data}
     results: dict[str, list[dict[str, Any]]] = {
         "sc_awaited": [], "sc_tasks": [], "raw_awaited": [], "raw_pipelined": [],
-        "script_awaited": [], "script_pipelined": [],
+        "script_awaited": [], "script_pipelined": [], "pair_pipelined": [],
     }
     sha = await raw.script_load(scripts.source("append"))
     # The script's arguments exactly as the publisher sends one append (whatever they are
@@ -224,6 +229,19 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         await raw.delete(key)
         return result
 
+    async def pair_pipelined() -> dict[str, Any]:
+        """XADD + SPUBLISH per event, of one task each, as many tasks as the script's rounds."""
+        task_refs = [next(refs) for _ in range(args.batch)]
+        message = b"1\n3f9a02bc\nprogress\n" + sample_data
+        meter = Meter(args.redis_pid)
+        for _ in range(args.tasks * args.per_task // args.batch):
+            pipe = raw.pipeline(transaction=False)
+            for ref in task_refs:
+                pipe.xadd(log.keys.events(ref), fields)
+                pipe.spublish(log.keys.live(ref), message)
+            await pipe.execute()
+        return meter.done(args.tasks * args.per_task // args.batch * args.batch)
+
     async def script_awaited() -> dict[str, Any]:
         ref = next(refs)
         for seq in range(1, 201):
@@ -257,6 +275,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             results["sc_tasks"].append(await sc_tasks())
             results["raw_pipelined"].append(await raw_pipelined())
             results["script_pipelined"].append(await script_pipelined())
+            results["pair_pipelined"].append(await pair_pipelined())
             await sc_redis.flushdb()
     finally:
         await sc_redis.aclose()
@@ -365,7 +384,7 @@ def rows_of(
 
     def figures(name: str) -> dict[str, Any]:
         keys = ["events_per_s", "p50_us", "p99_us", "mean_us", "worker_cpu_pct", "redis_cpu_pct",
-                "other_cpu_pct", "events_per_round_trip"]
+                "redis_cpu_us_per_event", "other_cpu_pct", "events_per_round_trip"]
         out: dict[str, Any] = {}
         for key in keys:
             if any(key in r for r in rounds[name]):
@@ -381,6 +400,10 @@ def rows_of(
         p50_x = round(sc_awaited["p50_us"] / raw_awaited["p50_us"], 2)
     if sc_tasks["events_per_s"] and raw_pipelined["events_per_s"]:
         share = round(sc_tasks["events_per_s"] / raw_pipelined["events_per_s"], 3)
+    script_pipelined, pair = figures("script_pipelined"), figures("pair_pipelined")
+    per_event_x = None
+    if script_pipelined.get("redis_cpu_us_per_event") and pair.get("redis_cpu_us_per_event"):
+        per_event_x = round(script_pipelined["redis_cpu_us_per_event"] / pair["redis_cpu_us_per_event"], 2)
     median_note = f"median of {n_rounds} interleaved rounds" if n_rounds > 1 else "one round"
     rows = [
         Row(SCENARIO, "streamcoord", {"mode": "awaited, 1 task", "events": events, **sizes},
@@ -402,8 +425,13 @@ def rows_of(
             f"part of an append without TaskWriter/Publisher; {median_note}"),
         Row(SCENARIO, f"raw redis-py EVALSHA append.lua (pipelined {BATCH})",
             {"events": TASKS * per_task, "batch": BATCH, "tasks": BATCH, **sizes},
-            figures("script_pipelined"),
-            f"one pipeline of {BATCH} script calls (one per task) at a time; {median_note}"),
+            {**script_pipelined, "redis_cpu_vs_bare_pair_x": per_event_x},
+            f"one pipeline of {BATCH} script calls (one per task) at a time; {median_note}; "
+            "target redis_cpu_vs_bare_pair_x <= 2"),
+        Row(SCENARIO, f"raw redis-py XADD + SPUBLISH (pipelined {BATCH})",
+            {"events": TASKS * per_task, "batch": BATCH, "tasks": BATCH, **sizes}, pair,
+            f"the bare pair a live event needs, one pipeline of {BATCH} events (one per task) at "
+            f"a time; {median_note}"),
     ]
     for pipeline, requests, result in benchmarks:
         rows.append(Row(

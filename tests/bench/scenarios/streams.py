@@ -1,7 +1,10 @@
 """Many streams: thousands of tasks, each with its own client or two, on one gateway process.
 
 Every stream publishes at the same rate (each starting at a random point of its first
-interval), so the gateway reads many keys at once instead of fanning one out. Shapes: 1,000
+interval), so the gateway follows many streams at once instead of fanning one out. One loop in
+the suite's process publishes for all streams (``pacing.paced_rounds``: what is due each round,
+one pipeline of XADDs for naive, one call of the append script for streamcoord), so the
+publisher keeps the pace at 10,000 events/s; a TaskWriter's own cost is the publish scenario's. Shapes: 1,000
 streams x 2 clients at 1 and 5 events/s, then 3,000 x 1 and 10,000 x 1 at 1 event/s (the
 common deployment: every export, import and report with its own progress bar). Contenders:
 the naive design and streamcoord. Quick mode: 100 streams x 2, 2 events/s each, 3 s.
