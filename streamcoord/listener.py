@@ -44,8 +44,14 @@ class Batch(NamedTuple):
     terminal: bool
 
 
+_EVENTS = BatchKind.EVENTS  # a module global: looked up faster than the enum's attribute
+
+
 def make_batch(frames: list[Frame]) -> Batch:
     """A batch of events (``frames``: at least one, oldest first)."""
+    if len(frames) == 1:  # the usual case with many streams: one event each
+        frame = frames[0]
+        return Batch(_EVENTS, (frame,), frame.data, frame.epoch, frame.seq, frame.seq, frame.terminal)
     epoch = frames[0].epoch if all(f.epoch == frames[0].epoch for f in frames) else b""
     return Batch(
         BatchKind.EVENTS, tuple(frames), b"".join(f.data for f in frames), epoch,

@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -105,6 +105,7 @@ class ClusterConnector:
 
     def __init__(self, cluster: RedisCluster) -> None:
         self._cluster = cluster
+        self._owners: dict[int, ClusterNode] = {}  # id of a connection -> the node it is of
 
     def route(self, channel: bytes) -> str:
         node = self._cluster.get_node_from_key(channel)  # type: ignore[arg-type]
@@ -116,13 +117,19 @@ class ClusterConnector:
         found = self._cluster.get_node(node_name=node)
         if found is None:
             raise RedisConnectionError(f"cluster node {node} is gone")
-        connection = found.connection_class(**found.connection_kwargs)
+        # The node's own pool: its idle connection (the client's first PING) is reused, so a
+        # gateway holds no more connections per node than before it subscribed.
+        connection = found.acquire_connection()
+        self._owners[id(connection)] = found
         await connection.connect()
         return connection
 
     async def release(self, connection: AbstractConnection) -> None:
         with contextlib.suppress(Exception):
             await connection.disconnect()
+        node = self._owners.pop(id(connection), None)
+        if node is not None:
+            node.release(connection)  # type: ignore[arg-type]
 
     async def refresh(self) -> None:
         await self._cluster.nodes_manager.initialize()
@@ -322,12 +329,13 @@ class _Link:
             self._changed.clear()
             if loop.time() - self._heard > SILENT_SECONDS:
                 raise _Silent(f"{self.node} answered nothing for {SILENT_SECONDS:.0f}s")
+            by_slot = not self._owner.connector.mixes_slots
             removing, self._to_remove = sorted(self._to_remove), set()
-            for chunk in _chunks(removing):
+            for chunk in _chunks(removing, by_slot=by_slot):
                 self._unsubscribing.update(chunk)
                 await connection.send_command("SUNSUBSCRIBE", *chunk, check_health=False)
             adding, self._to_add = sorted(self._to_add), set()
-            for chunk in _chunks(adding, by_slot=not self._owner.connector.mixes_slots):
+            for chunk in _chunks(adding, by_slot=by_slot):
                 await connection.send_command("SSUBSCRIBE", *chunk, check_health=False)
             if not removing and not adding:
                 await connection.send_command("PING", check_health=False)
@@ -368,7 +376,8 @@ class _Link:
 
 def _chunks(channels: list[bytes], *, by_slot: bool = False) -> Iterable[list[bytes]]:
     """``channels`` in commands of at most :data:`COMMAND_CHANNELS`; in a cluster one command
-    holds channels of one slot only (else the node answers CROSSSLOT)."""
+    (SSUBSCRIBE and SUNSUBSCRIBE alike) holds channels of one slot only (else the node answers
+    CROSSSLOT, and the connection is dropped)."""
     if by_slot:
         groups: dict[int, list[bytes]] = {}
         for channel in channels:

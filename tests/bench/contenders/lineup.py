@@ -20,7 +20,7 @@ ALL = ("bare", "naive", "predecessor", "streamcoord")
 #: The display name of each, for rows of contenders that could not be made.
 TITLES = {
     "bare": Bare.name, "naive": Naive.name, "predecessor": "predecessor 0.2.1",
-    "streamcoord": Streamcoord.name,
+    "streamcoord": Streamcoord.name, "streamcoord-cluster": "streamcoord (3-master cluster)",
 }
 
 
@@ -45,6 +45,10 @@ def make(name: str, *, clients: int = 1000) -> Contender:
         return Naive(clients=clients)
     if name == "streamcoord":
         return Streamcoord()
+    if name == "streamcoord-cluster":
+        from .cluster import StreamcoordCluster  # tests.topologies: only when asked for
+
+        return StreamcoordCluster()
     if name == "predecessor":
         return _predecessor()
     raise ValueError(f"unknown contender {name!r}")

@@ -84,7 +84,16 @@ class Streamcoord:
 
     async def start(self, workdir: Path, streams: int) -> Endpoint:
         self.redis_server = await RedisServer(workdir / "redis").start()
-        url = self.redis_server.url
+        # Many streams open their writers at once: wait for a connection rather than fail.
+        self.redis = Redis(connection_pool=BlockingConnectionPool(
+            connection_class=UnixDomainSocketConnection, path=str(self.redis_server.socket),
+            max_connections=PUBLISH_CONNECTIONS, timeout=30,
+        ))
+        return await self.serve(workdir, streams, self.redis_server.url, self.redis_server.pid)
+
+    async def serve(self, workdir: Path, streams: int, url: str, redis_pid: int) -> Endpoint:
+        """Start the gateway on ``url`` and declare streams 1..streams (``self.redis`` set)."""
+        assert self.redis is not None
         socket = make_dir(workdir) / "gw.sock"
         admin = socket.with_name("gw.admin.sock")
         self.gateway = GatewayApp(socket, admin, python_argv(
@@ -95,11 +104,6 @@ class Streamcoord:
             STREAMCOORD_LAZY_START="0",
             STREAMCOORD_SECRET=SECRET,  # the default mode: every client carries a stream token
         ))
-        # Many streams open their writers at once: wait for a connection rather than fail.
-        self.redis = Redis(connection_pool=BlockingConnectionPool(
-            connection_class=UnixDomainSocketConnection, path=str(self.redis_server.socket),
-            max_connections=PUBLISH_CONNECTIONS, timeout=30,
-        ))
         settings = self.settings = Settings(redis_url=url)
         self.log = EventLog(self.redis, settings)
         await register_models(self.redis, KeySpace(settings.key_prefix), [(APP, MODEL)])
@@ -108,10 +112,7 @@ class Streamcoord:
                 self.log.declare(self.ref(n), state="running")
                 for n in range(first, min(streams, first + 499) + 1)
             ))
-        return Endpoint(
-            socket=self.gateway.socket, server_pids=[self.gateway.pid],
-            redis_pid=self.redis_server.pid,
-        )
+        return Endpoint(socket=self.gateway.socket, server_pids=[self.gateway.pid], redis_pid=redis_pid)
 
     async def publish_due(self, due: list[Due]) -> None:
         """Many streams' events at once (see pacing.paced_rounds): one call of the append
@@ -133,12 +134,18 @@ class Streamcoord:
                 self.epoch(stream), n, "complete" if complete else "progress",
                 stamped_data(stream, n), "completed" if complete else "", "", "bench-writer", "",
             ]
-        replies = await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+        replies = await self.append(keys, args)
         for (stream, n, complete), (status, *_) in zip(due, replies, strict=True):
             if status != b"ok":
                 raise RuntimeError(f"append of event {n} of stream {stream}: {status!r}")
             if not complete:
                 self.counts[stream] = n
+
+    async def append(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """One call of the append script (its events are in ``keys`` pairs and ``args``)."""
+        assert self.redis is not None and self._sha is not None
+        replies: list[Any] = await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+        return replies
 
     @staticmethod
     def epoch(stream: int) -> str:
