@@ -55,7 +55,7 @@ from .workloads import (
 pytestmark = [pytest.mark.system, pytest.mark.cluster, pytest.mark.slow]
 
 KEYS = KeySpace("sc")
-#: Each gateway process: one reader and three shared connections, per node at most.
+#: Each gateway process: one subscriber and three shared connections, per node at most.
 PER_NODE = 4
 
 
@@ -400,4 +400,49 @@ async def test_slots_of_running_tasks_move_to_another_master_mid_stream(tmp_path
     finally:
         await redis.aclose()
         await nodes.aclose()
+        cluster.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_listeners_of_many_slots_leaving_at_once_keep_the_subscriber_connected(tmp_path: Path) -> None:
+    """Twelve streams of different slots, followed by a hub on the cluster, whose clients all
+    leave at once: their channels are unsubscribed together, slot by slot (one SUNSUBSCRIBE
+    naming several slots is a CROSSSLOT error that cost the subscriber its connection), and
+    the streams followed next go live at once."""
+    from streamcoord.eventlog import EventLog
+    from streamcoord.hub import Hub
+    from streamcoord.settings import Settings
+    from streamcoord.subscriber import ClusterConnector
+
+    cluster = Cluster(tmp_path / "cluster").start()
+    startup = [ClusterNode(HOST, node.port) for node in cluster.nodes]
+    subscriber = RedisCluster(startup_nodes=startup, protocol=2)
+    redis = cluster_client(cluster)
+    hub = Hub(ClusterConnector(subscriber), redis, Settings(redis_url=cluster.url))
+    try:
+        await subscriber.initialize()
+        await hub.start()
+        refs = [TaskRef("shop", "Job", str(n)) for n in range(1, 13)]
+        assert len({key_slot(KEYS.live(ref).encode()) for ref in refs}) == 12
+        listeners = [hub.subscribe(KEYS.events(ref), 0)[0] for ref in refs]
+
+        def live() -> bool:
+            return all(s.buffer is None for s in hub._streams.values())
+
+        await until(live, 20, "every stream to go live")
+        for listener in listeners:  # in one step: their SUNSUBSCRIBEs go out together
+            hub.unsubscribe(listener)
+        again = hub.subscribe(KEYS.events(refs[0]), 0)[0]
+        await until(live, 20, "the stream followed again to go live")
+        log = EventLog(redis, Settings(redis_url=cluster.url))
+        await log.writer(refs[0]).append("progress", {"n": 1})
+        batches = await asyncio.wait_for(again.take(), 10)
+        assert [f.seq for b in batches for f in b.frames] == [1]
+        await asyncio.sleep(0.3)
+        assert hub.stats["link_drops"] == 0, dict(hub.stats)
+        assert hub.reading
+    finally:
+        await hub.stop()
+        await subscriber.aclose()
+        await redis.aclose()
         cluster.stop()
