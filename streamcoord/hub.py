@@ -85,8 +85,8 @@ class Position(NamedTuple):
 
 class _Stream:
     __slots__ = (
-        "buffer", "channel", "cursor", "epoch", "key", "listeners", "queued", "read_after",
-        "subscribed", "window",
+        "buffer", "channel", "cursor", "epoch", "generation", "key", "listeners", "queued",
+        "read_after", "subscribed", "window",
     )
 
     def __init__(self, key: bytes, cursor: int, window: Window) -> None:
@@ -107,6 +107,9 @@ class _Stream:
         self.buffer: list[Frame] | None = []
         #: A catch-up read of the stream is queued or in flight.
         self.queued = False
+        #: Moves on whenever what a read in flight saw stops being enough to go live from: the
+        #: subscription was lost or made again, or live messages were dropped meanwhile.
+        self.generation = 0
 
     def lost_events(self, epoch: bytes | None, last_seq: int) -> bool:
         """Redis, whose state record says ``epoch`` and ``last_seq``, lost events this hub
@@ -311,6 +314,7 @@ class Hub:
             buffer.append(frame)
         else:  # the read under way will not reach these: read again after it
             buffer.clear()
+            stream.generation += 1
             self._queue(stream)
 
     def on_subscribed(self, channel: bytes) -> None:
@@ -320,6 +324,7 @@ class Hub:
         # Every message from now on arrives: read what was appended before (or while the
         # subscriber was away), then go on with what arrives meanwhile.
         stream.subscribed = True
+        stream.generation += 1  # a read already in flight may predate the subscription
         if stream.buffer is None:
             stream.buffer = []
         self._queue(stream)
@@ -330,6 +335,7 @@ class Hub:
             if stream is not None:
                 self._flush_one(stream)
                 stream.subscribed = False
+                stream.generation += 1
                 stream.buffer = []  # nothing arrives until subscribed again, then it is read
 
     def _go_on(self, stream: _Stream, frame: Frame) -> None:
@@ -419,6 +425,7 @@ class Hub:
     async def _catch_up(self, keys: list[bytes]) -> None:
         """One round: the state and what follows the cursor of each stream in ``keys``."""
         streams = [self._streams[key] for key in keys]
+        generations = [stream.generation for stream in streams]
         pipe = self._redis.pipeline(transaction=False)
         for stream in streams:
             pipe.hmget(KeySpace.state_of(stream.key), POSITION_FIELDS)
@@ -437,8 +444,8 @@ class Hub:
                 self._queue(stream)
                 continue
             self._dispatch(stream.key, entries)
-            if len(entries) >= READ_COUNT:
-                self._queue(stream)  # more to read
+            if len(entries) >= READ_COUNT or stream.generation != generations[index]:
+                self._queue(stream)  # more to read, or what this read saw is not enough
                 continue
             if stream.subscribed:
                 waiting, stream.buffer = stream.buffer or [], None  # live from here
@@ -485,19 +492,25 @@ class Hub:
         (created anew under a new epoch, or cut back by a failover) is read from its start, and
         its listeners reset their clients; one Redis holds more of than the hub saw (a lost
         message after which none came) is read after its cursor."""
-        followed = list(self._streams.items())
+        # Where each stream was when the check was sent: live messages move cursors while it
+        # is on its way, and a stream that moved on meanwhile is plainly alive.
+        followed = [(key, stream, stream.cursor, stream.epoch) for key, stream in self._streams.items()]
         if not followed:
             return
         pipe = self._redis.pipeline(transaction=False)
-        for key, _ in followed:
+        for key, *_ in followed:
             pipe.hmget(KeySpace.state_of(key), POSITION_FIELDS)
         replies = await pipe.execute()
-        for (key, stream), (epoch, last_seq) in zip(followed, replies, strict=True):
+        for (key, stream, cursor, seen_epoch), (epoch, last_seq) in zip(followed, replies, strict=True):
             if self._streams.get(key) is not stream or not (last_seq or b"0").isdigit():
                 continue  # gone meanwhile, or a state record written by hand: it cannot tell
+            if stream.cursor != cursor or stream.epoch != seen_epoch or stream.queued:
+                continue  # moved on meanwhile, or being read anyway
             if stream.lost_events(epoch, int(last_seq or 0)):
                 self._rewind(stream)
                 self._queue(stream)
+            elif not stream.subscribed:
+                self._queue(stream)  # its subscription is down: serve it by reads meanwhile
             elif int(last_seq or 0) > stream.cursor and epoch == stream.epoch and stream.buffer is None:
                 self.stats["behind"] += 1  # (or a message on its way: the read is harmless)
                 self._queue(stream)

@@ -120,8 +120,14 @@ class ClusterConnector:
         # The node's own pool: its idle connection (the client's first PING) is reused, so a
         # gateway holds no more connections per node than before it subscribed.
         connection = found.acquire_connection()
+        try:
+            await connection.connect()
+        except BaseException:  # give it back, or the node's one connection is gone for good
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            found.release(connection)  # type: ignore[arg-type]
+            raise
         self._owners[id(connection)] = found
-        await connection.connect()
         return connection
 
     async def release(self, connection: AbstractConnection) -> None:
@@ -150,6 +156,9 @@ class Subscriber:
         self._route: dict[bytes, _Link] = {}  # channel -> the link it is (to be) subscribed on
         self._rerouting: set[bytes] = set()
         self._reroute_task: asyncio.Task[None] | None = None
+        #: One backoff for every reroute: reset only once a link connects, so a node that stays
+        #: down is retried less and less often, not ten times a second.
+        self._reroute_backoff = Backoff(first=0.1, cap=5.0)
         self._started = False
 
     def start(self) -> None:
@@ -180,7 +189,7 @@ class Subscriber:
         """Follow ``channel``; :meth:`Sink.on_subscribed` tells when it is subscribed."""
         try:
             link = self._link(self.connector.route(channel))
-        except RedisError as exc:  # a cluster with a slot no node serves: find it later
+        except Exception as exc:  # a cluster with a slot no node serves: find it later
             log.warning("cannot subscribe to %s yet: %s", channel.decode(errors="replace"), exc)
             self._reroute([channel])
             return
@@ -208,13 +217,12 @@ class Subscriber:
             self._reroute_task = asyncio.create_task(self._reroute_soon(), name="streamcoord-subscriber-reroute")
 
     async def _reroute_soon(self) -> None:
-        backoff = Backoff(first=0.1, cap=5.0)
         try:
             while self._rerouting:
-                await asyncio.sleep(backoff.delay())
+                await asyncio.sleep(self._reroute_backoff.delay())
                 try:
                     await self.connector.refresh()
-                except (RedisError, OSError) as exc:
+                except Exception as exc:  # RedisClusterException is no RedisError: retry all
                     log.warning("could not learn the cluster's slots again: %s", exc)
                     continue
                 channels, self._rerouting = self._rerouting, set()
@@ -276,6 +284,7 @@ class _Link:
                 self._heard = asyncio.get_running_loop().time()
                 self.connected = True
                 backoff.reset()
+                owner._reroute_backoff.reset()
                 if self.channels:
                     log.info("subscriber connected to %s: subscribing to %d channels", self.node, len(self.channels))
                 await self._serve(connection)
