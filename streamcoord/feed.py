@@ -26,7 +26,7 @@ from .eventlog import EventLog
 from .hub import Hub
 from .ids import EventId
 from .keys import TaskRef
-from .listener import BatchKind
+from .listener import Batch, BatchKind
 from .resets import ResetReason, epoch_reset, gap_reset, reset_frame
 from .resume import Start, find_start
 from .window import frames_bytes, runs_within
@@ -144,6 +144,18 @@ class Feed:
         finally:
             if listener is not None and held:
                 listener.hold(-held)  # cut short: nothing of it is held any more
+
+    def follows(self, batch: Batch) -> bool:
+        """``batch`` (live events) holds the events right after the last one the client was
+        sent, of its epoch, and not the terminal one: it may be written as it is."""
+        return (
+            not self.ended and batch.epoch == self._epoch and batch.first == self._last + 1
+            and not batch.terminal
+        )
+
+    def sent(self, batch: Batch) -> None:
+        """``batch``, which :meth:`follows`, was written to the client directly."""
+        self._last = batch.last
 
     async def next_chunk(self) -> bytes | None:
         """The next chunk of live events; None once the terminal event is out or the listener

@@ -42,6 +42,7 @@ from . import cors, sse
 from .access import CHALLENGE, Permit, Refusal, authorize, require_secret
 from .errors import InvalidEventId, InvalidTaskRef, UnknownTask
 from .eventlog import EventLog
+from .direct import DirectWriter
 from .feed import Feed
 from .hub import Hub
 from .ids import EventId, parse_event_id
@@ -363,9 +364,18 @@ class Gateway:
         async for chunk in feed.history():
             await request.send(chunk)
             stall.written += len(chunk)
-        while (live := await feed.next_chunk()) is not None:  # the hot path: no generator
-            await request.send(live)
-            stall.written += len(live)
+        # Live batches a waiting client is in step with are written by the hub's push itself
+        # (streamcoord.direct); this loop writes the rest, and ends the response.
+        listener = feed.listener
+        if listener is not None:
+            listener.direct = DirectWriter.of(request._send, feed, stall)
+        try:
+            while (live := await feed.next_chunk()) is not None:  # no generator: a hot path
+                await request.send(live)
+                stall.written += len(live)
+        finally:
+            if listener is not None:
+                listener.direct = None
         if feed.ended:  # the terminal event is out: end the response, as slowly as the client reads
             await request.send(b"", more=False)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import sys
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import sse
@@ -73,8 +74,8 @@ class Listener:
     """
 
     __slots__ = (
-        "_loop", "_waiter", "batches", "closed", "held_bytes", "key", "limit", "limit_bytes",
-        "pending", "pending_bytes", "task",
+        "_loop", "_waiter", "batches", "closed", "direct", "held_bytes", "key", "limit",
+        "limit_bytes", "pending", "pending_bytes", "task",
     )
 
     def __init__(self, key: bytes, limit: int, limit_bytes: int = sys.maxsize) -> None:
@@ -95,11 +96,21 @@ class Listener:
         self.closed: str | None = None
         #: The task writing this listener's frames; cancelled when the listener overflows.
         self.task: asyncio.Task[Any] | None = None
+        #: Writes a batch straight to the client while its task waits in :meth:`take`, and
+        #: says whether it did (:class:`streamcoord.direct.DirectWriter`); None: always queue.
+        self.direct: Callable[[Batch], bool] | None = None
 
     def push(self, batch: Batch) -> None:
-        """Queue a batch, or close the listener if it is not keeping up."""
+        """Queue a batch (or write it directly: see :attr:`direct`), or close the listener if
+        it is not keeping up."""
         if self.closed:
             return
+        waiter = self._waiter
+        if (
+            self.direct is not None and waiter is not None and not waiter.done() and not self.batches
+            and self.direct(batch)
+        ):
+            return  # written: the task waiting in take() goes on waiting
         if self.pending >= self.limit or self.pending_bytes >= self.limit_bytes:
             self.close("overflow")
             if self.task is not None:
