@@ -101,17 +101,23 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
 _holding_gate: contextvars.ContextVar[bool] = contextvars.ContextVar("holding_gate", default=False)
 
 
-#: Where redis-py and asyncio tear a connection down. An AttributeError or TypeError raised in
-#: them is a connection closed under a command (redis-py 8.1, issue redis/redis-py#4287: a
-#: concurrent disconnect leaves ``_writer`` None mid-connect, seen in slot migrations), not a
-#: bug of ours: it is re-raised as the ConnectionError every retry in streamcoord handles.
-_TRANSPORT_FILES = ("redis/asyncio/connection.py", "asyncio/streams.py", "asyncio/selector_events.py")
+#: Where redis-py, asyncio and uvloop tear a connection down. An AttributeError or TypeError
+#: raised in them is a connection closed under a command (redis-py 8.1, issue
+#: redis/redis-py#4287: a concurrent disconnect leaves ``_writer`` None mid-connect, seen in slot
+#: migrations), and so is uvloop's RuntimeError "unable to perform operation on <transport>;
+#: the handler is closed" (the same race, under uvloop's transports): not bugs of ours. They are
+#: re-raised as the ConnectionError every retry in streamcoord handles.
+_TRANSPORT_FILES = (
+    "redis/asyncio/connection.py", "asyncio/streams.py", "asyncio/selector_events.py",
+    "uvloop/handles/handle.pyx",
+)
+_TRANSPORT_ERRORS = (AttributeError, TypeError, RuntimeError)
 
 
 def torn_down(exc: BaseException) -> bool:
-    """Whether ``exc`` is redis-py's or asyncio's internal error for a connection closed under
-    a command (the innermost frame is in their transport code)."""
-    if not isinstance(exc, AttributeError | TypeError) or exc.__traceback__ is None:
+    """Whether ``exc`` is redis-py's, asyncio's or uvloop's internal error for a connection
+    closed under a command (the innermost frame is in their transport code)."""
+    if not isinstance(exc, _TRANSPORT_ERRORS) or exc.__traceback__ is None:
         return False
     tb = exc.__traceback__
     while tb.tb_next is not None:
@@ -123,7 +129,7 @@ def torn_down(exc: BaseException) -> bool:
 def _connection_errors() -> Iterator[None]:
     try:
         yield
-    except (AttributeError, TypeError) as exc:
+    except _TRANSPORT_ERRORS as exc:
         if torn_down(exc):
             raise RedisConnectionError(f"connection closed under a command: {exc}") from exc
         raise

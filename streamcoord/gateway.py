@@ -241,6 +241,8 @@ class Gateway:
             "gateway_id": self.hub.gateway_id,
             "listeners": self.hub.listener_count,
             "streams": self.hub.stream_count,
+            # Followed streams not live yet: subscribing, or read to fill a gap.
+            "streams_catching_up": self.hub.catching_up_count,
             "uptime_seconds": round(time.time() - self.started, 1),
             # For leak checks: both return to their baseline once clients are gone.
             "asyncio_tasks": len(asyncio.all_tasks()),

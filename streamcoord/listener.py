@@ -105,12 +105,16 @@ class Listener:
         it is not keeping up."""
         if self.closed:
             return
-        waiter = self._waiter
-        if (
-            self.direct is not None and waiter is not None and not waiter.done() and not self.batches
-            and self.direct(batch)
-        ):
-            return  # written: the task waiting in take() goes on waiting
+        if self.direct is not None and self._waiter is not None:
+            # The task is inside take(): waiting, or woken and not yet run. Everything it was
+            # handed before is written, so what is queued, then this batch, may go out now, in
+            # order, as far as the writer can take them; a busy loop that woke the task for an
+            # earlier batch still writes later ones directly (the task then finds nothing and
+            # waits again), instead of queueing more behind it.
+            if self.batches:
+                self._write_queued()
+            if not self.batches and self.direct(batch):
+                return
         if self.pending >= self.limit or self.pending_bytes >= self.limit_bytes:
             self.close("overflow")
             if self.task is not None:
@@ -120,6 +124,18 @@ class Listener:
         self.pending += len(batch.frames) or 1
         self.pending_bytes += len(batch.data)
         self._wake()
+
+    def _write_queued(self) -> None:
+        assert self.direct is not None
+        written = 0
+        for queued in self.batches:
+            if not self.direct(queued):
+                break
+            written += 1
+            self.pending -= len(queued.frames) or 1
+            self.pending_bytes -= len(queued.data)
+        if written:
+            del self.batches[:written]
 
     def hold(self, size: int) -> None:
         """Count ``size`` bytes more (fewer, when negative) of history the feed holds for this

@@ -132,3 +132,26 @@ async def test_a_listener_writes_directly_only_while_its_task_waits_with_nothing
     listener.push(events(6, 6))  # in step, but behind a queued batch: queued too (order)
     assert [b.first for b in await asyncio.wait_for(waiting, 1)] == [7, 6]
     assert len(cycle.transport.chunks) == 1
+
+
+async def test_batches_queued_for_a_woken_task_that_has_not_run_go_out_directly_in_order() -> None:
+    """A busy loop: the task was woken for a batch it could not be written directly (the
+    connection paused) and has not run yet; once the connection takes bytes again, the next
+    push writes the queued batch, then its own, and the task finds nothing and waits on."""
+    direct, cycle, place, _ = writer()
+    listener = Listener(b"k", limit=10)
+    listener.direct = direct
+    waiting = asyncio.ensure_future(listener.take())
+    await asyncio.sleep(0)
+    cycle.flow.write_paused = True
+    listener.push(events(4, 4))  # queued, the task woken (not run yet)
+    assert len(listener.batches) == 1 and not cycle.transport.chunks
+    cycle.flow.write_paused = False
+    listener.push(events(5, 5))
+    assert not listener.batches and listener.pending == 0 and listener.pending_bytes == 0
+    assert [c.split(b"\r\n")[1].split(b"\n")[0] for c in cycle.transport.chunks] == [b"id: e1-4", b"id: e1-5"]
+    assert place.last == 5
+    await asyncio.sleep(0)
+    assert not waiting.done()  # it found nothing and waits again
+    listener.close("test")
+    assert await asyncio.wait_for(waiting, 1) == []

@@ -1,6 +1,7 @@
 """A connection closed under a command, as redis-py 8.1 reports it (an AttributeError or
-TypeError from its transport code, redis/redis-py#4287), becomes the ConnectionError our retries
-handle; the same errors from anywhere else stay what they are."""
+TypeError from its transport code, redis/redis-py#4287) or uvloop does (a RuntimeError: the
+handler is closed; seen in a slot migration), becomes the ConnectionError our retries handle;
+the same errors from anywhere else stay what they are."""
 
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ def raiser(filename: str, statement: str) -> Any:
 
 IN_REDIS_PY = raiser("/venv/site-packages/redis/asyncio/connection.py", "None.writelines([])")
 IN_ASYNCIO = raiser("/usr/lib/python3.11/asyncio/selector_events.py", "callback = None; callback()")
+IN_UVLOOP = raiser(
+    "uvloop/handles/handle.pyx",
+    "raise RuntimeError('unable to perform operation on <TCPTransport closed=True>; the handler is closed')",
+)
 IN_OUR_CODE = raiser("/work/streamcoord/eventlog.py", "None.writelines([])")
 
 
-@pytest.mark.parametrize("fail", [IN_REDIS_PY, IN_ASYNCIO])
+@pytest.mark.parametrize("fail", [IN_REDIS_PY, IN_ASYNCIO, IN_UVLOOP])
 def test_an_error_of_the_transport_is_a_connection_error(fail: Any) -> None:
     with pytest.raises(RedisConnectionError, match="connection closed under a command"), _connection_errors():
         fail()

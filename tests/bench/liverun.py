@@ -156,10 +156,13 @@ async def _measure(contender: Contender, workdir: Path, load: LiveLoad) -> tuple
 
 
 def reads_figures(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
-    """Events per Redis read of a server that reports both counters (streamcoord's hub)."""
-    reads = after.get("reads", 0) - before.get("reads", 0)
-    events = after.get("events", 0) - before.get("events", 0)
-    return {"server_reads": reads, "events_per_read": round(events / reads, 2) if reads else None}
+    """What a server that reports its counters (streamcoord's hub) did during the measurement:
+    its catch-up reads of streams (rounds of one pipeline; live events come by Pub/Sub), and
+    how often its subscriber connection dropped."""
+    def grew(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    return {"catch_up_reads": grew("reads"), "subscriber_drops": grew("link_drops")}
 
 
 def summarize(

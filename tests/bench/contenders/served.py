@@ -73,10 +73,16 @@ class ServedApp:
         return result
 
     async def wait_for_listeners(self, expected: int, within: float) -> None:
-        """Poll ``/stats`` until the server holds ``expected`` stream connections."""
+        """Poll ``/stats`` until the server holds ``expected`` stream connections (and, for
+        a streamcoord gateway, follows each of their streams live: subscribed, read up to
+        date; what publishing measures is the steady state, not the subscribing)."""
+
+        def ready(stats: dict[str, Any]) -> bool:
+            return bool(stats["listeners"] >= expected and not stats.get("streams_catching_up"))
+
         try:
             async with asyncio.timeout(within):
-                while (await self.get("/stats"))["listeners"] < expected:
+                while not ready(await self.get("/stats")):
                     if self.child is not None and not self.child.running:
                         raise RuntimeError(f"{self.name} exited:\n{self.child.log_tail()}")
                     await asyncio.sleep(0.1)

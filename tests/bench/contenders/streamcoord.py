@@ -206,10 +206,11 @@ class Streamcoord:
         return sum(1 for c in clients if str(c.get("name", "")).endswith(f":{self.gateway.pid}"))
 
     async def server_counters(self) -> dict[str, int]:
-        """The gateway's hub counters (``reads``: XREAD calls, ``events``: events read)."""
+        """The gateway's hub counters (``reads``: catch-up rounds, ``link_drops``: subscriber
+        connections lost)."""
         assert self.gateway is not None
         stats = await self.gateway.get("/stats")
-        return {k: v for k, v in stats.items() if k in ("reads", "events")}
+        return {k: v for k, v in stats.items() if k in ("reads", "link_drops")}
 
     async def stop(self) -> None:
         if self.redis is not None:
