@@ -40,9 +40,9 @@ from redis.exceptions import RedisError
 
 from . import cors, sse
 from .access import CHALLENGE, Permit, Refusal, authorize, require_secret
+from .direct import DirectWriter
 from .errors import InvalidEventId, InvalidTaskRef, UnknownTask
 from .eventlog import EventLog
-from .direct import DirectWriter
 from .feed import Feed
 from .hub import Hub
 from .ids import EventId, parse_event_id

@@ -46,7 +46,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .backoff import Backoff
-from .codec import Frame, MalformedEntry, Skipped, SkipLog, entry_frames, live_frame
+from .codec import Frame, MalformedEntry, SkipLog, Skipped, entry_frames, live_frame
 from .flight import SingleFlight
 from .ids import EventId
 from .keys import KeySpace

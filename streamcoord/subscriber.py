@@ -87,7 +87,8 @@ class PoolConnector:
         return "redis"
 
     async def connect(self, node: str) -> AbstractConnection:
-        return await self._pool.get_connection()
+        connection: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        return connection
 
     async def release(self, connection: AbstractConnection) -> None:
         with contextlib.suppress(Exception):  # best effort: it is being thrown away
@@ -121,11 +122,11 @@ class ClusterConnector:
         # gateway holds no more connections per node than before it subscribed.
         connection = found.acquire_connection()
         try:
-            await connection.connect()
+            await connection.connect()  # type: ignore[no-untyped-call]
         except BaseException:  # give it back, or the node's one connection is gone for good
             with contextlib.suppress(Exception):
                 await connection.disconnect()
-            found.release(connection)  # type: ignore[arg-type]
+            found.release(connection)
             raise
         self._owners[id(connection)] = found
         return connection

@@ -30,8 +30,8 @@ from streamcoord.ids import EventId
 from streamcoord.listener import HEARTBEAT, REWIND, Batch, Listener, make_batch
 from streamcoord.resume import read_snapshot
 from streamcoord.settings import Settings
-from streamcoord.subscriber import PoolConnector
 from streamcoord.stall import WriteStall, unsent_bytes
+from streamcoord.subscriber import PoolConnector
 from streamcoord.window import frames_bytes, history_bytes, newest_within, runs_within
 
 from .processes import Gateway
