@@ -12,6 +12,10 @@
    reshard`` does, slot by slot), so writers, the gateways' catch-up reads and the workers go
    through ASK and then MOVED redirections, and the gateways' shard-channel subscriptions move
    (Redis unsubscribes them from the old owner); every client still gets everything exactly once.
+3. Listeners of twelve slots leaving at once: their channels are unsubscribed slot by slot,
+   and the hub's subscriber connections stay up.
+4. The live path's faults on the cluster: every master kills its pub/sub clients mid-stream,
+   and messages are lost with the connections up; each listener still gets 1..N exactly once.
 
 Figures (connections, timings) are printed (``pytest -s``) and kept in ``cluster-report.jsonl``
 in the test's temporary directory; nothing asserts on speed.
@@ -445,4 +449,85 @@ async def test_listeners_of_many_slots_leaving_at_once_keep_the_subscriber_conne
         await hub.stop()
         await subscriber.aclose()
         await redis.aclose()
+        cluster.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_pubsub_faults_on_a_cluster_lose_and_repeat_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live-path faults of tests/test_live_path.py, on the cluster: six streams spread over
+    the three masters, written while every master kills its pub/sub clients (``CLIENT KILL
+    TYPE pubsub``) three times and some messages are lost on their way with the connection up.
+    Each listener gets 1..N exactly once, in order; the hub's subscriber reconnects to each
+    master and reads what it missed."""
+    from streamcoord.codec import live_frame
+    from streamcoord.eventlog import EventLog
+    from streamcoord.hub import Hub
+    from streamcoord.listener import BatchKind
+    from streamcoord.settings import Settings
+    from streamcoord.subscriber import ClusterConnector
+
+    cluster = Cluster(tmp_path / "cluster").start()
+    nodes = Nodes(cluster)
+    startup = [ClusterNode(HOST, node.port) for node in cluster.nodes]
+    subscriber = RedisCluster(startup_nodes=startup, protocol=2)
+    redis = cluster_client(cluster)
+    settings = Settings(redis_url=cluster.url)
+    hub = Hub(ClusterConnector(subscriber), redis, settings)
+    try:
+        await subscriber.initialize()
+        await hub.start()
+        owners = cluster.slot_owners()
+        refs = [TaskRef("shop", "Job", str(n)) for n in range(1, 7)]
+        assert len({owners[key_slot(KEYS.live(ref).encode())] for ref in refs}) == 3
+        listeners = {ref: hub.subscribe(KEYS.events(ref), 0)[0] for ref in refs}
+        await until(lambda: all(s.buffer is None for s in hub._streams.values()), 20, "every stream live")
+        real = hub.on_message
+        lost = 0
+
+        def lossy(channel: bytes, message: bytes) -> None:
+            nonlocal lost
+            if live_frame(message).seq % 17 == 0:
+                lost += 1  # lost on its way: the connection stays up
+                return
+            real(channel, message)
+
+        monkeypatch.setattr(hub, "on_message", lossy)
+        log = EventLog(redis, settings)
+        count = 120
+
+        async def write(ref: TaskRef) -> None:
+            writer = log.writer(ref)
+            for n in range(1, count):
+                await writer.append("progress", {"n": n})
+                await asyncio.sleep(0.005)
+            await writer.append("complete", {"n": count})
+
+        async def kill() -> int:
+            killed = 0
+            for _ in range(3):
+                await asyncio.sleep(0.25)
+                for client in nodes.clients.values():
+                    killed += int(await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+            return killed
+
+        *_, killed = await asyncio.gather(*(write(ref) for ref in refs), kill())
+
+        async def received(listener: Any) -> list[int]:
+            seqs: list[int] = []
+            while not seqs or seqs[-1] < count:
+                batches = await listener.take()
+                assert batches, "the listener closed"
+                assert all(b.kind is not BatchKind.REWIND for b in batches)
+                seqs += [f.seq for b in batches for f in b.frames]
+            return seqs
+
+        got = await asyncio.wait_for(asyncio.gather(*(received(each) for each in listeners.values())), 40)
+        assert all(seqs == list(range(1, count + 1)) for seqs in got), [s[-5:] for s in got]
+        assert killed >= 3 and lost >= 6 and hub.stats["link_drops"] >= 3, (killed, lost, dict(hub.stats))
+        assert hub.stats["gaps"] >= 1
+    finally:
+        await hub.stop()
+        await subscriber.aclose()
+        await redis.aclose()
+        await nodes.aclose()
         cluster.stop()
