@@ -18,11 +18,10 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis
 from django.apps import apps
 from redis.asyncio import Redis
 
-from streamcoord.connection import RedisFactory
+from streamcoord.connection import RedisFactory, sync_client
 from streamcoord.eventlog import CANCELLED_BEFORE_START, EventLog, TaskWriter
 from streamcoord.jobs import JobQueue, StartOutcome
 from streamcoord.keys import KeySpace, TaskRef
@@ -73,7 +72,7 @@ class TaskCoordinator:
         self._runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Runtime] = (
             weakref.WeakKeyDictionary()
         )
-        self._sync_redis: redis.Redis | None = None
+        self._sync_redis: Any = None  # redis.Redis, or a cluster's or Sentinel master's client
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -172,7 +171,7 @@ class TaskCoordinator:
         model = find_model(model_name)
         ref = TaskRef(model._meta.app_label, model._meta.object_name or model.__name__, str(task_id))
         if self._sync_redis is None:
-            self._sync_redis = redis.Redis.from_url(conf.get_settings().redis_url)
+            self._sync_redis = sync_client(conf.get_settings(), "django")
         state_key = KeySpace(conf.get_settings().key_prefix).state(ref)
         return self._sync_redis.hget(state_key, Field.STATE) == State.RUNNING.encode()
 

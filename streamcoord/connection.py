@@ -282,3 +282,31 @@ class RedisFactory:
             **common,
         )
         return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+def sync_client(settings: Settings, role: str) -> Any:
+    """A blocking redis-py client for ``settings.redis_url``, whatever its topology: one Redis,
+    Sentinel's current master, or a cluster. For the few sync callers (``is_task_running``,
+    ``cleanup_old_tasks``): ``redis.Redis.from_url`` knows none of the ``redis+`` schemes."""
+    import redis
+    import redis.cluster
+    import redis.sentinel
+
+    topology = parse_redis_url(settings.redis_url)
+    common: dict[str, Any] = {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_socket_timeout,
+        "client_name": f"streamcoord:{role}:{os.getpid()}",
+    }
+    if topology.kind == "cluster":
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in topology.nodes],  # type: ignore[no-untyped-call]
+            username=topology.username, password=topology.password, **common,
+        )
+    if topology.kind == "sentinel":
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(topology.nodes), sentinel_kwargs={"socket_timeout": settings.redis_socket_timeout},
+            username=topology.username, password=topology.password,
+        )
+        return sentinel.master_for(topology.service, db=topology.db, **common)  # type: ignore[no-untyped-call]
+    return redis.Redis.from_url(topology.url, **common)

@@ -6,7 +6,9 @@
 1. 100 tasks, their keys spread over all three masters, run end to end; one client per task, on
    alternating gateways, gets the exact gap-free sequence ending in one ``complete``; each
    gateway process holds a bounded number of Redis connections (``CLIENT LIST`` on every node,
-   by the ``streamcoord:<role>:<pid>`` names) that does not grow with its clients.
+   by the ``streamcoord:<role>:<pid>`` names) that does not grow with its clients. Then, from
+   Django on the cluster URL, ``is_task_running`` answers and ``cleanup_old_tasks`` deletes every
+   task's rows and keys.
 2. The slots of running tasks move to another master mid-stream (``CLUSTER SETSLOT ...
    MIGRATING/IMPORTING``, ``MIGRATE``, ``SETSLOT ... NODE``: what ``redis-cli --cluster
    reshard`` does, slot by slot), so writers, the gateways' catch-up reads and the workers go
@@ -269,6 +271,17 @@ async def test_a_hundred_tasks_on_a_three_master_cluster_two_gateways_two_worker
             await until(lambda: all(row(project, ref)[0] == "completed" for ref in refs), 15, "every row to be completed")
             for handle in (*gateways, w1, w2):
                 assert "Traceback" not in handle.log_text(), logs(handle)
+
+            # From Django, on the cluster URL: is_task_running, then cleanup_old_tasks deletes
+            # every ended task's rows and keys (redis.Redis.from_url knew no redis+cluster://).
+            shell = "from django_app.coordinator import coordinator; print(coordinator.is_task_running('ProgressTask', %d))"
+            answer = await asyncio.to_thread(project.manage, "shell", "-c", shell % ids[0])
+            assert answer.splitlines()[-1] == "False", answer
+            cleaned = await asyncio.to_thread(project.manage, "cleanup_old_tasks", "--hours", "0")
+            assert "deleted 100 tasks in all" in cleaned, cleaned
+            for pk in ids[:10]:
+                events_key = KEYS.events(TaskRef("examples", "ProgressTask", str(pk)))
+                assert not await redis.exists(state_key(pk), events_key), f"task {pk}'s keys remain"
 
             figures = {
                 "state_keys_by_node": dict(held), "distinct_slots": len(slots),

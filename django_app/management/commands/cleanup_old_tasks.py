@@ -3,13 +3,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import redis
 from django.core.management.base import BaseCommand, CommandParser
 from django.db.models import Q
 from django.utils import timezone
 
 from django_app import conf
 from django_app.coordinator import task_models
+from streamcoord.connection import sync_client
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.taskstate import ENDED
 
@@ -24,7 +24,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, hours: float, dry_run: bool, **options: Any) -> None:
         settings = conf.get_settings()
         keys = KeySpace(settings.key_prefix)
-        client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+        client = sync_client(settings, "django") if settings.redis_url else None
         cutoff = timezone.now() - timedelta(hours=hours)
         ended = Q(status__in=sorted(ENDED)) | Q(completed_at__isnull=False)
         total = 0
@@ -47,8 +47,9 @@ class Command(BaseCommand):
                 for start in range(0, len(refs), 500):
                     chunk = refs[start:start + 500]
                     pipe = client.pipeline(transaction=False)
-                    for ref in chunk:
-                        pipe.delete(keys.events(ref), keys.state(ref))
+                    for ref in chunk:  # one key per DEL: a cluster's pipeline takes no more
+                        pipe.delete(keys.events(ref))
+                        pipe.delete(keys.state(ref))
                     pipe.execute()
             old.delete()
         if client is None and not dry_run:

@@ -44,7 +44,8 @@ class Command(BaseCommand):
         except (ValueError, TypeError, ValidationError) as exc:  # a value the field cannot take
             raise CommandError(f"cannot create {task_model.__name__}: {exc}") from None
         ref = task.stream_ref
-        line: dict[str, Any] = {"model": ref.model, "app_label": ref.app_label, "id": task.pk, "stream": task.stream_path}
+        # pk_json: a number for integer keys, the text of any other (a UUID is no JSON value).
+        line: dict[str, Any] = {"model": ref.model, "app_label": ref.app_label, "id": ref.pk_json, "stream": task.stream_path}
         try:
             # The operator who created it may watch it, and start it by connecting.
             line["stream_url"] = task.stream_url(start=True)
