@@ -39,7 +39,9 @@ class Position(Protocol):
     def sent(self, batch: Batch) -> None: ...
 
 
-class Counter(Protocol):
+class Written(Protocol):
+    """What counts the bytes handed to the connection (the WriteStall)."""
+
     written: int
 
 
@@ -48,13 +50,13 @@ class DirectWriter:
 
     __slots__ = ("_cycle", "_position", "_stall")
 
-    def __init__(self, cycle: Any, position: Position, stall: Counter) -> None:
+    def __init__(self, cycle: Any, position: Position, stall: Written) -> None:
         self._cycle = cycle
         self._position = position
         self._stall = stall
 
     @classmethod
-    def of(cls, send: Any, position: Position, stall: Counter) -> DirectWriter | None:
+    def of(cls, send: Any, position: Position, stall: Written) -> DirectWriter | None:
         """The writer for the ASGI ``send`` of a uvicorn response cycle, or None (another server)."""
         cycle = getattr(send, "__self__", None)
         needed = ("transport", "flow", "chunked_encoding", "disconnected", "response_complete")

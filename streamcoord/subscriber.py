@@ -160,18 +160,15 @@ class Subscriber:
         #: One backoff for every reroute: reset only once a link connects, so a node that stays
         #: down is retried less and less often, not ten times a second.
         self._reroute_backoff = Backoff(first=0.1, cap=5.0)
-        self._started = False
 
     def start(self) -> None:
         """Start. A single Redis's connection opens at once, so that :attr:`connected` says
         whether Redis is reachable before any channel is followed (a cluster's, per node, open
         with their first channel)."""
-        self._started = True
         if self.connector.mixes_slots:
             self._link(self.connector.route(b""))
 
     async def stop(self) -> None:
-        self._started = False
         tasks = [link.task for link in self._links.values()]
         if self._reroute_task is not None:
             tasks.append(self._reroute_task)

@@ -27,7 +27,7 @@ from streamcoord.subscriber import PoolConnector
 
 from .processes import Gateway
 from .rawsse import RawSSE, SSEEvent
-from .workloads import gateway_stats, until
+from .workloads import append_progress, check_in_order, gateway_stats, until
 
 BROKEN = TaskRef("shop", "Job", "1")
 HEALTHY = TaskRef("shop", "Job", "2")
@@ -41,23 +41,8 @@ def http(gateway: Gateway) -> httpx.AsyncClient:
     )
 
 
-async def append(log: EventLog, ref: TaskRef, first: int, last: int, *, complete: bool = False) -> None:
-    writer = log.writer(ref)
-    for n in range(first, last + 1):
-        await writer.append("progress", {"step": n})
-    if complete:
-        await writer.append("complete", {"message": "done"})
-
-
 async def events(client: RawSSE) -> list[SSEEvent]:
     return await asyncio.wait_for(client.events_until_end(), TIMEOUT)
-
-
-def check_in_order(received: list[SSEEvent], count: int, first: int = 1) -> None:
-    """Every event first..count, in order, with no reset or anything else in between."""
-    assert [(e.event, e.seq) for e in received] == [("progress", n) for n in range(first, count)] + [
-        ("complete", count)
-    ]
 
 
 # -- pure: entry_frame refuses, entry_frames skips --------------------------------------------
@@ -182,7 +167,7 @@ async def test_a_reader_that_fails_is_restarted_and_ready_says_so_meanwhile(
     log = EventLog(fake_hub._redis, fake_hub._settings)
     listener, _ = fake_hub.subscribe(log.keys.events(BROKEN), 0)
     await until(lambda: fake_hub._streams[listener.key].buffer is None, TIMEOUT, "the stream to go live")
-    await append(log, BROKEN, 1, 1)
+    await append_progress(log, BROKEN, 1, 1)
     await asyncio.wait_for(failed.wait(), TIMEOUT)
     await until(lambda: not fake_hub.reading, TIMEOUT, "the subscriber to drop its connection")
     status, _, body = await app._ready()
@@ -194,7 +179,7 @@ async def test_a_reader_that_fails_is_restarted_and_ready_says_so_meanwhile(
     failure = [r for r in caplog.records if "subscriber connection to redis failed" in r.getMessage()]
     assert failure and failure[0].exc_info is not None  # with its traceback
     # The event whose message was lost is read from the stream, and what follows goes live.
-    await append(log, BROKEN, 2, 2, complete=True)
+    await append_progress(log, BROKEN, 2, 2, complete=True)
     seqs: list[int] = []
     while len(seqs) < 3:
         batches = await asyncio.wait_for(listener.take(), TIMEOUT)
@@ -210,8 +195,8 @@ async def test_a_malformed_entry_freezes_nothing(gateway: Gateway, event_log: Ev
     """Issue 11: two followed streams; a malformed entry XADDed by hand into one. Both go on.
     (Live events come by Pub/Sub, so the hub reads the stream, and meets the entries, only when
     it catches up: whether it logs them depends on timing; that it never stops does not.)"""
-    await append(event_log, BROKEN, 1, 1)
-    await append(event_log, HEALTHY, 1, 1)
+    await append_progress(event_log, BROKEN, 1, 1)
+    await append_progress(event_log, HEALTHY, 1, 1)
     broken = await sse(gateway.socket, "/stream/Job/1")
     healthy = await sse(gateway.socket, "/stream/Job/2")
     for client in (broken, healthy):
@@ -219,8 +204,8 @@ async def test_a_malformed_entry_freezes_nothing(gateway: Gateway, event_log: Ev
     key = event_log.keys.events(BROKEN)
     await redis.xadd(key, {"foo": "bar"}, id="1-1")  # the issue's entry, where a writer leaves room
     await redis.xadd(key, {"epoch": "e\nx", "type": "progress", "data": "{}"}, id="1-2")
-    await append(event_log, HEALTHY, 2, 20, complete=True)
-    await append(event_log, BROKEN, 2, 20, complete=True)
+    await append_progress(event_log, HEALTHY, 2, 20, complete=True)
+    await append_progress(event_log, BROKEN, 2, 20, complete=True)
     check_in_order(await events(healthy), 21, first=2)
     check_in_order(await events(broken), 21, first=2)
     log_text = gateway.log_text()
@@ -243,12 +228,12 @@ async def test_history_reads_skip_a_malformed_entry(
     kind is logged once however many clients read it."""
     gateway = gateway_factory(window_events=window_events)
     key = event_log.keys.events(BROKEN)
-    await append(event_log, BROKEN, 1, 3)
+    await append_progress(event_log, BROKEN, 1, 3)
     await redis.xadd(key, {"foo": "bar"}, id="3-1")
-    await append(event_log, BROKEN, 4, 15)
+    await append_progress(event_log, BROKEN, 4, 15)
     await redis.xadd(key, {"foo": "bar"}, id="15-1")
     await redis.xadd(key, {"epoch": "e1", "type": "bad type\n", "data": "{}"}, id="15-2")
-    await append(event_log, BROKEN, 16, 17, complete=True)
+    await append_progress(event_log, BROKEN, 16, 17, complete=True)
     epoch = (await redis.hget(event_log.keys.state(BROKEN), "epoch") or b"").decode()
     for after in (0, 0, 2):
         headers = {"Last-Event-ID": f"{epoch}-{after}"} if after else None

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from streamcoord import TaskRef
+from streamcoord import EventLog, TaskRef
 from streamcoord.keys import KeySpace
 from streamcoord.taskstate import TERMINAL_EVENTS
 
@@ -334,3 +334,24 @@ def stream_problems(events: Sequence[Event]) -> list[str]:
     if len(terminals) != 1 or not events[-1].terminal:
         problems.append(f"{len(terminals)} terminal events, last is {events[-1].type!r}" if events else "empty")
     return problems
+
+
+async def append_progress(
+    log: EventLog, ref: TaskRef, first: int, last: int, *, size: int = 0, complete: bool = False
+) -> None:
+    """Events first..last of ``ref`` (``progress``, padded with ``size`` bytes), then, with
+    ``complete``, its terminal event, through one TaskWriter."""
+    writer = log.writer(ref)
+    for n in range(first, last + 1):
+        await writer.append("progress", {"step": n, "pad": "x" * size} if size else {"step": n})
+    if complete:
+        await writer.append("complete", {"message": "done"})
+
+
+def check_in_order(received: list[SSEEvent], count: int, first: int = 1) -> None:
+    """Every event first..count, each once, in order, nothing (no reset) in between: ``count``
+    is the terminal one."""
+    assert [(e.event, e.seq) for e in received] == [("progress", n) for n in range(first, count)] + [
+        ("complete", count)
+    ], [(e.event, e.seq) for e in received]
+
