@@ -344,7 +344,7 @@ def test_demo_start_serves_its_own_page_and_local_tools(demo_url: str) -> None:
      ("127.0.0.1.evil.example", False), ("[::2]:80", False), ("0.0.0.0:80", False)],
 )
 def test_is_loopback_host(host: str, loopback: bool) -> None:
-    from django_app.demo import is_loopback_host  # after .workerparts set Django up
+    from django_app.examples.demo import is_loopback_host  # after .workerparts set Django up
 
     assert is_loopback_host(host) is loopback
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from worker.presence import heartbeat_ms
+from django_app.worker.presence import heartbeat_ms
 
 
 def entry(**fields: object) -> bytes:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from django_app.worker.presence import Presence, redis_now_ms
 from streamcoord.keys import KeySpace
 from streamcoord.settings import Settings
-from worker.presence import Presence, redis_now_ms
 
 pytestmark = pytest.mark.system
 
@@ -76,7 +76,7 @@ async def test_silence_is_measured_on_the_redis_clock_and_malformed_entries_are_
         await redis.xadd(KEYS.worker_control(worker_id), {"cancel": "examples.ProgressTask:1"})
     me = presence(redis)
 
-    with caplog.at_level(logging.INFO, logger="worker.presence"):
+    with caplog.at_level(logging.INFO, logger="django_app.worker.presence"):
         await me.forget_silent_workers()
         assert set(await registry(redis)) == {"alive-skewed"}
         # The same bad entry again (a process that keeps writing it): dropped, not logged again.
@@ -111,7 +111,7 @@ async def test_entries_whose_heartbeat_is_no_finite_number_are_dropped_without_s
     await redis.hset(KEYS.workers(), mapping={
         "alive": json.dumps({"heartbeat_ms": now}), "dead": json.dumps({"heartbeat_ms": now - HOUR_MS}),
     })
-    with caplog.at_level(logging.INFO, logger="worker.presence"):
+    with caplog.at_level(logging.INFO, logger="django_app.worker.presence"):
         await presence(redis).forget_silent_workers()
     assert set(await registry(redis)) == {"alive"}
     dropped = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from django_app.worker.presence import redis_now_ms
 from streamcoord.jobs import JobQueue
 from streamcoord.keys import TaskRef
-from worker.presence import redis_now_ms
 
 from .processes import Project
 from .workloads import KEYS, create_tasks, row, state, stream, stream_problems, until

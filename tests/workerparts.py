@@ -3,7 +3,7 @@
 The worker and the coordinator import the Django models, so Django is set up here first (no
 database: nothing here reaches one): import ``Worker``, ``Executor``, ``Recovery``, ``Run``,
 ``StopReason``, ``outcomes``, and the coordinator's ``TaskCoordinator`` and ``conf``, from this
-module. :class:`Rows` stands in for the rows behind ``worker.outcomes``: the tasks
+module. :class:`Rows` stands in for the rows behind ``django_app.worker.outcomes``: the tasks
 ``process()`` runs, and every outcome recorded on them, in order.
 """
 
@@ -30,11 +30,11 @@ if not django_settings.configured:
 # Set up above: the worker imports the Django models.
 from django_app import conf
 from django_app.coordinator import TaskCoordinator
-from worker import outcomes
-from worker.execution import Executor, Run, StopReason
-from worker.outcomes import Outcome
-from worker.recovery import Recovery
-from worker.runner import Worker
+from django_app.worker import outcomes
+from django_app.worker.execution import Executor, Run, StopReason
+from django_app.worker.outcomes import Outcome
+from django_app.worker.recovery import Recovery
+from django_app.worker.runner import Worker
 
 __all__ = [
     "Executor", "FakeTask", "Outcome", "Recovery", "Rows", "Run", "StopReason", "TaskCoordinator", "Worker",
@@ -69,7 +69,7 @@ class FakeTask:
 
 
 class Rows:
-    """The task table as ``worker.outcomes`` reads and writes it, installed over it."""
+    """The task table as ``django_app.worker.outcomes`` reads and writes it, installed over it."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.tasks: dict[str, FakeTask] = {}

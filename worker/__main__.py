@@ -16,9 +16,8 @@ def main() -> None:
 
     django.setup()
     from django_app import conf
+    from django_app.worker.main import run_worker
     from streamcoord import runtime
-
-    from .main import run_worker
 
     settings = conf.get_settings()
     if not settings.redis_url:

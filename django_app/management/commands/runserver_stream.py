@@ -6,17 +6,18 @@ import contextlib
 import logging
 from typing import Any
 
+from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_app import conf
 from django_app.coordinator import coordinator
+from django_app.worker.runner import Worker
 from streamcoord import runtime
 from streamcoord.cli import DEFAULT_SOCKET, add_admin_options, admin_target, bind_target
 from streamcoord.embedded import EmbeddedRedis
 from streamcoord.errors import ConfigurationError
 from streamcoord.server import serve
 from streamcoord.settings import Settings
-from worker.runner import Worker
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,18 @@ class Command(BaseCommand):
             await coordinator.close()
             await serve(settings, **target)
             return
-        from django_app.demo import demo_routes
-
         worker = Worker(settings, concurrency=20)
         worker_run = asyncio.create_task(worker.run(), name="embedded-worker")
         log.info("embedded default: Redis stand-in at %s, with an in-process worker", settings.redis_url)
+        extra: dict[str, Any] = {"announce": "streamcoord (embedded default) listening on {url}"}
+        # The demo pages belong to this repository's example app (not installed with the
+        # distribution): served when the project has it.
+        if apps.is_installed("django_app.examples"):
+            from django_app.examples.demo import demo_routes
+
+            extra = {"extra_routes": demo_routes, "announce": extra["announce"] + ": open {url}/ for the demo"}
         try:
-            await serve(
-                settings, **target, extra_routes=demo_routes,
-                announce="streamcoord (embedded default) listening on {url}: open {url}/ for the demo",
-            )
+            await serve(settings, **target, **extra)
         finally:
             worker.stop()
             worker.stop()  # the gateway is gone: do not wait for running tasks

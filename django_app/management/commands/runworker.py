@@ -5,8 +5,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_app import conf
+from django_app.worker.main import run_worker
 from streamcoord import runtime
-from worker.main import run_worker
 
 
 class Command(BaseCommand):

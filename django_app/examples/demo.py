@@ -17,9 +17,8 @@ from typing import Any
 
 from asgineer import HttpRequest
 
+from django_app.coordinator import coordinator, find_model
 from streamcoord.gateway import Response, text
-
-from .coordinator import coordinator, find_model
 
 PAGE = importlib.resources.files(__package__).joinpath("demo.html").read_bytes()
 
