@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import uuid
 from typing import Any
 
 from django.db import models
@@ -128,3 +129,30 @@ class ContinueTask(StreamTask):
         await self.send_event("final", {"message": "continue_field is set", "continue": True})
         await self.send_event("complete", {"message": "Task completed successfully"})
         return {"continued": True}
+
+
+class ExportTask(StreamTask):
+    """A task with a UUID primary key (ids nobody can guess or count): a few steps of an export."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    steps = models.PositiveIntegerField(default=5)
+    delay = models.FloatField(default=0.2, help_text="seconds per step")
+
+    async def process(self) -> Any:
+        for step in range(1, self.steps + 1):
+            await asyncio.sleep(self.delay)
+            await self.send_event("progress", {"step": step, "total_steps": self.steps})
+        return {"exported": self.steps}
+
+
+class ReportTask(StreamTask):
+    """A task with a string primary key chosen by the application (1-64 letters, digits, '-'
+    or '_': the characters a task id may have)."""
+
+    slug = models.SlugField(primary_key=True, max_length=64)
+    steps = models.PositiveIntegerField(default=3)
+
+    async def process(self) -> Any:
+        for step in range(1, self.steps + 1):
+            await self.send_event("progress", {"step": step, "report": self.slug})
+        return {"report": self.slug}
