@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
-from django.db.models.signals import post_save
+from django.db.models.signals import post_delete, post_save
 
 
 class StreamcoordConfig(AppConfig):
@@ -13,10 +13,10 @@ class StreamcoordConfig(AppConfig):
         # Imported once the models are loaded: the coordinator imports them.
         from .coordinator import coordinator
         from .models import StreamTask
-        from .signals import record_pending
+        from .signals import forget_deleted, record_pending
 
         StreamTask.writer_factory = coordinator.writer_for
 
-        # Every new StreamTask row is recorded "pending" in Redis, so a gateway can lazily start
-        # it on first connect without a database.
+        # Rows and Redis in step (signals.py): new rows recorded pending, deleted rows' keys gone.
         post_save.connect(record_pending, dispatch_uid="streamcoord-record-pending")
+        post_delete.connect(forget_deleted, dispatch_uid="streamcoord-forget-deleted")

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from django.db import models
 from django.utils import timezone
 
 from streamcoord.client import task_path
-from streamcoord.eventlog import TaskWriter
 from streamcoord.ids import EventId
 from streamcoord.keys import TaskRef
 
 from . import access
 
+
+class EventWriter(Protocol):
+    """What ``send_event`` writes through: a worker's :class:`~streamcoord.eventlog.TaskWriter`, or outside a worker
+    the coordinator's writer on its Redis loop."""
+
+    async def append(self, event_type: str, data: dict[str, Any]) -> EventId: ...
+
+
 #: Makes the writer for ``send_event`` outside a worker. The coordinator installs it when the
 #: app is ready (this module never imports the coordinator: the coordinator imports it).
-WriterFactory = Callable[["StreamTask"], Awaitable[TaskWriter]]
+WriterFactory = Callable[["StreamTask"], Awaitable[EventWriter]]
 
 
 class Status(models.TextChoices):
@@ -60,7 +67,7 @@ class StreamTask(models.Model):
     #: (``TimeoutError``). None: no limit.
     time_limit: float | None = None
 
-    _stream_writer: TaskWriter | None = None
+    _stream_writer: EventWriter | None = None
     #: Set by the coordinator at app start (see :data:`WriterFactory`).
     writer_factory: ClassVar[WriterFactory | None] = None
 
@@ -87,9 +94,16 @@ class StreamTask(models.Model):
 
     async def mark_failed(self, error: str, status: str = Status.FAILED) -> None:
         """Record a failed (or cancelled) run on the row."""
-        now = timezone.now()
-        await type(self).objects.filter(pk=self.pk).aupdate(status=status, error=error, updated_at=now)
+        await type(self)._default_manager.filter(pk=self.pk).aupdate(**self._failed(error, status))
+
+    def mark_failed_sync(self, error: str, status: str = Status.FAILED) -> None:
+        """:meth:`mark_failed` for sync code."""
+        type(self)._default_manager.filter(pk=self.pk).update(**self._failed(error, status))
+
+    def _failed(self, error: str, status: str) -> dict[str, Any]:
+        """The fields of a failed run, set on this instance too."""
         self.status, self.error = status, error
+        return {"status": status, "error": error, "updated_at": timezone.now()}
 
     @property
     def stream_ref(self) -> TaskRef:

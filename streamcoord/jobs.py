@@ -61,18 +61,47 @@ class Verdict(enum.StrEnum):
 @dataclasses.dataclass(frozen=True, slots=True)
 class StartOutcome:
     """What a start did: ``queued`` is True when this call queued the task; ``state`` is the
-    task's state before the call ('' when Redis knew nothing of it)."""
+    task's state before the call ('' when Redis knew nothing of it). ``deferred``: the start
+    waits for the caller's database transaction to commit (the Django side)."""
 
     queued: bool
     state: str
+    deferred: bool = False
 
     def __bool__(self) -> bool:
-        return self.queued
+        return self.queued or self.deferred
 
     def describe(self) -> str:
         if self.queued:
             return "queued"
+        if self.deferred:
+            return "queued when the transaction commits"
         return f"not started: the task is already {self.state or 'unknown'}"
+
+    __str__ = describe
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelOutcome:
+    """What a cancel did: ``state`` is the task's state before the call ('' when Redis knew
+    nothing of it), ``worker`` the worker told to stop a running task, and ``cancelled`` is
+    True when the call ended a task that had not begun."""
+
+    state: str
+    worker: str = ""
+    cancelled: bool = False
+
+    def __bool__(self) -> bool:
+        return self.cancelled or bool(self.worker)
+
+    def describe(self) -> str:
+        if self.cancelled:
+            return "cancelled before it started"
+        if self.worker:
+            return f"cancellation sent to worker {self.worker}"
+        return f"nothing to cancel: the task is {self.state or 'unknown to Redis'}"
+
+    __str__ = describe
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,6 +128,8 @@ class JobQueue:
         self._recover = scripts.register(redis, "recover")
         self._hand_back = scripts.register(redis, "hand_back")
         self._cancel = scripts.register(redis, "cancel")
+        self._retry = scripts.register(redis, "retry")
+        self._forget = scripts.register(redis, "forget")
         self._finish_if_ours = scripts.register(redis, "finish_if_ours")
         #: Where the next look for abandoned jobs goes on in the pending list.
         self._abandoned_cursor = "0-0"
@@ -272,6 +303,21 @@ class JobQueue:
                 self.keys.worker_control(worker_id), {"cancel": ref.label}, maxlen=1000, approximate=True
             )
         return state, worker_id
+
+
+    async def renew_ended(self, ref: TaskRef) -> tuple[bool, str]:
+        """Make an ended task pending again, its old stream gone (``retry.lua``); returns
+        (whether it was ended, state before). The caller starts it afterwards."""
+        retried, before = await self._retry(keys=[self.keys.state(ref), self.keys.events(ref)], args=[_now()])
+        return bool(retried), _text(before)
+
+    async def forget(self, ref: TaskRef) -> str:
+        """Remove the task's keys (its row is gone); a running task is cancelled instead, and
+        its keys expire once it has ended (``forget.lua``). Returns the state before."""
+        before = _text(await self._forget(keys=[self.keys.state(ref), self.keys.events(ref)], args=[]))
+        if before == State.RUNNING:
+            await self.request_cancel(ref)
+        return before
 
 
 def _text(value: Any) -> str:

@@ -2,8 +2,8 @@
 
 Every change to a task's state record is one of these scripts, so it is atomic on that one key
 (one hash slot): ``append`` (events), and for the job queue ``start``, ``job_added``,
-``start_failed``, ``begin``, ``renew``, ``recover``, ``hand_back``, ``cancel`` and
-``finish_if_ours``. The names they write are defined in :mod:`streamcoord.taskstate`.
+``start_failed``, ``begin``, ``renew``, ``recover``, ``hand_back``, ``cancel``, ``retry``,
+``forget`` and ``finish_if_ours``. The names they write are defined in :mod:`streamcoord.taskstate`.
 """
 
 from __future__ import annotations

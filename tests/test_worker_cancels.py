@@ -114,7 +114,7 @@ async def test_a_second_cancel_ends_a_task_left_cancelling(
     finally:
         await coordinator.close()
 
-    assert said == "cancelled before it started"
+    assert said.describe() == "cancelled before it started" and said.cancelled
     assert row.marked == [BEFORE_START]
     assert (await state(redis, REF))["state"] == "cancelled"
     assert await types(redis) == ["cancelled"]

@@ -21,4 +21,4 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         except Exception:
             raise CommandError(f"no {model} with id {id}") from None
-        self.stdout.write(coordinator.cancel_task_sync(task))
+        self.stdout.write(coordinator.cancel_task_sync(task).describe())
