@@ -4,6 +4,7 @@ the transaction to commit: Redis never hears of a row that was rolled back."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,11 @@ def forget_deleted(sender: type, instance: Any, using: str = "default", **kwargs
         _on_commit(coordinator.forget_sync, instance, using, "remove the keys of deleted task %s")
 
 
-def _on_commit(call: Callable[[StreamTask], object], task: StreamTask, using: str, what: str) -> None:
+def _on_commit(call: Callable[[StreamTask], object], instance: StreamTask, using: str, what: str) -> None:
+    # A copy: Django clears a deleted instance's pk right after its delete, before an outer
+    # transaction commits.
+    task = copy.copy(instance)
+
     def run() -> None:
         try:
             call(task)
