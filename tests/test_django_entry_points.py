@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from streamcoord.client import stream_task
 from streamcoord.keys import KeySpace, TaskRef
 
 from .processes import Project, wait_for
@@ -124,3 +125,29 @@ async def test_retry_runs_an_ended_task_again_from_a_new_stream(project: Project
     assert [e.type for e in second] == [b"start", b"progress", b"progress", b"progress", b"complete"]
     assert second[0].epoch != first[0].epoch, "the retried run starts a stream with another epoch"
     assert (await state(redis, ref))["state"] == "completed"
+
+
+SECRET = "entry-points-secret-0123456789abcdef0123"
+
+
+@pytest.mark.parametrize(("model", "fields", "pk"), [
+    ("ProgressTask", ["steps=2", "delay=0"], int),
+    ("ExportTask", ["steps=2", "delay=0"], str),
+    ("ReportTask", ["slug=q3-report_2026", "steps=2"], str),
+], ids=["integer", "uuid", "string"])
+async def test_every_primary_key_type_end_to_end(project: Project, model: str, fields: list[str], pk: type) -> None:
+    """create_task, a worker, a stream token and a gateway, for integer, UUID and string keys."""
+    auth = {"stream_auth": "token", "secret": SECRET}
+    gateway = project.gateway(**auth)
+    project.worker(**auth)
+    created = project.create_task(model, *fields, start=True, **auth)
+    assert isinstance(created["id"], pk) and created["started"], created
+    path, _, query = created["stream_url"].partition("?")
+    assert path == created["stream"] == f"/stream/examples/{model}/{created['id']}"
+    token = query.removeprefix("token=")
+    received = [e async for e in stream_task("http://gw", model, created["id"], app_label="examples",
+                                             token=token, uds=str(gateway.socket))]
+    assert [e.event for e in received][-1] == "complete", received
+    assert {e.data["_task_id"] for e in received} == {created["id"]}
+    said = project.manage("cancel_task", model, str(created["id"]), **auth).strip()
+    assert said == "nothing to cancel: the task is completed"
