@@ -2,9 +2,11 @@
 front of three ``runserver_stream`` gateways, with two workers and the session's redis-server.
 
 The production file is the single source: the test reads it and replaces only the upstream
-``server`` lines (with the gateways' unix sockets) and the ``listen`` address (a unix socket in
-the test's directory: never a fixed TCP port), then wraps it in a minimal nginx.conf of its own
-(pid, logs and temp paths in the test's directory). Two test-only lines sit at the http level of
+``server`` lines (with the gateways' unix sockets; the Django site's with a gateway's too,
+which answers 404 to anything but streams and probes, as a site without such pages would;
+tests/test_js_helper_browser.py runs Django there) and the ``listen`` address (a unix socket
+in the test's directory: never a fixed TCP port), then wraps it in a minimal nginx.conf of its
+own (pid, logs and temp paths in the test's directory). Two test-only lines sit at the http level of
 that wrapper and reach the config's locations by inheritance: ``X-Test-Upstream`` (which gateway
 served a response) and ``proxy_ignore_headers X-Accel-Buffering``, so that what the tests see
 comes from the config's own ``proxy_buffering off``, not from the gateways' header.
@@ -53,6 +55,7 @@ pytestmark = pytest.mark.system
 
 CONF = REPO / "deploy" / "nginx" / "streamcoord.conf"
 UPSTREAM = "streamcoord_gateways"
+DJANGO_UPSTREAM = "streamcoord_django"
 TERMINAL = frozenset(TERMINAL_EVENTS)
 #: Upstream parameters for the test: a dead gateway is retried after a second, not five.
 SERVER_PARAMS = "max_fails=1 fail_timeout=1s"
@@ -69,19 +72,27 @@ async def r(redis: Redis) -> Any:
 # -- the config, rendered for the test ------------------------------------------------------
 
 
-def render(conf: str, gateways: Sequence[Path], listen: Path, access_log: Path | None = None) -> str:
-    """``conf`` with the upstream's ``server`` lines replaced by ``gateways`` (unix sockets),
-    every ``listen`` address replaced by ``listen`` (its parameters kept), and its access_log
-    line removed (or, given ``access_log``, pointed there)."""
-    block = re.search(rf"^upstream\s+{UPSTREAM}\s*\{{.*?^\}}", conf, re.M | re.S)
-    assert block, f"{CONF} has no `upstream {UPSTREAM} {{ ... }}` block"
+def replace_servers(conf: str, name: str, servers: str) -> str:
+    """``conf`` with the ``server`` lines of ``upstream name`` replaced by ``servers``."""
+    block = re.search(rf"^upstream\s+{name}\s*\{{.*?^\}}", conf, re.M | re.S)
+    assert block, f"{CONF} has no `upstream {name} {{ ... }}` block"
     server_line = re.compile(r"^[ \t]*server\s+[^;]+;[^\n]*\n", re.M)  # not the commented ones
-    old = server_line.findall(block.group())
-    assert old, f"no `server` line in the upstream block of {CONF}"
-    new = "".join(f"    server unix:{path} {SERVER_PARAMS};\n" for path in gateways)
-    replaced = iter([new])  # the first server line becomes the new ones, the others go
+    assert server_line.findall(block.group()), f"no `server` line in the upstream {name} of {CONF}"
+    replaced = iter([servers])  # the first server line becomes the new ones, the others go
     upstream = server_line.sub(lambda _: next(replaced, ""), block.group())
-    rendered = conf[: block.start()] + upstream + conf[block.end():]
+    return conf[: block.start()] + upstream + conf[block.end():]
+
+
+def render(
+    conf: str, gateways: Sequence[Path], listen: Path, access_log: Path | None = None, *, django: Path
+) -> str:
+    """``conf`` with the gateways' upstream ``server`` lines replaced by ``gateways`` (unix
+    sockets), the Django site's by ``django`` (a unix socket), every ``listen`` address replaced
+    by ``listen`` (its parameters kept), and its access_log line removed (or, given
+    ``access_log``, pointed there)."""
+    gateway_lines = "".join(f"    server unix:{path} {SERVER_PARAMS};\n" for path in gateways)
+    rendered = replace_servers(conf, UPSTREAM, gateway_lines)
+    rendered = replace_servers(rendered, DJANGO_UPSTREAM, f"    server unix:{django};\n")
     rendered, listens = re.subn(r"^([ \t]*listen\s+)[^\s;]+", rf"\g<1>unix:{listen}", rendered, flags=re.M)
     assert listens >= 1, f"no `listen` line in {CONF}"
     # The test's own access log (http-level, a format of its own) applies instead.
@@ -106,6 +117,9 @@ class Nginx:
     gateways: Sequence[Path]
     #: Keep the config's own access_log (pointed at ``shipped_log``) instead of the test's.
     shipped_logging: bool = False
+    #: The Django site's unix socket; by default the first gateway's (these tests are about
+    #: the gateways: their public socket answers 404 to what they do not serve).
+    django: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     checked: str = ""  # what `nginx -t` said
 
@@ -135,7 +149,8 @@ class Nginx:
         temp.mkdir(exist_ok=True)
         rendered = self.directory / "streamcoord.conf"
         kept = self.shipped_log if self.shipped_logging else None
-        rendered.write_text(render(CONF.read_text(), self.gateways, self.socket, kept))
+        django = self.django or self.gateways[0]
+        rendered.write_text(render(CONF.read_text(), self.gateways, self.socket, kept, django=django))
         # As root, nginx's workers would run as `nobody`, which can neither reach the gateways'
         # sockets (mode 0660) nor enter the test's directory (0700): keep them root.
         user = "user root root;\n" if os.geteuid() == 0 else ""
@@ -394,6 +409,7 @@ async def test_config_passes_nginx_t_and_streams_each_event_at_once(
         rendered = (nginx.directory / "streamcoord.conf").read_text()
         assert f"server unix:{gateway.socket} {SERVER_PARAMS};" in rendered
         assert f"listen unix:{nginx.socket}" in rendered and "gateway1:8001" not in rendered
+        assert f"server unix:{gateway.socket};" in rendered and "django:8000" not in rendered
 
         async with through(nginx) as http:
             for path, status, body in (("/health", 200, "OK"), ("/ready", 200, "READY"), ("/stats", 404, None)):
