@@ -11,6 +11,7 @@ class StreamcoordConfig(AppConfig):
 
     def ready(self) -> None:
         # Imported once the models are loaded: the coordinator imports them.
+        from . import checks  # noqa: F401  (registers the STREAMCOORD settings checks)
         from .coordinator import coordinator
         from .models import StreamTask
         from .signals import forget_deleted, record_pending

@@ -415,25 +415,28 @@ async def test_cleanup_old_tasks_dry_run_lists_then_the_real_run_deletes_rows_an
     project.worker("w1")
     ended = [project.create_task("ProgressTask", "steps=1", "delay=0", start=True)["id"] for _ in range(2)]
     failed = project.create_task("ProgressTask", "steps=2", "delay=0", "fail_at=1", start=True)["id"]
-    pending = project.create_task("ProgressTask", "steps=1", "delay=0")["id"]  # not ended: stays
+    pending = project.create_task("ProgressTask", "steps=1", "delay=0")["id"]  # never started: stuck
+    running = project.create_task("ContinueTask", start=True)["id"]  # a worker runs it: stays
     for pk in ended:
         await wait_state(r, "ProgressTask", pk, {"completed"})
     await wait_state(r, "ProgressTask", failed, {"failed"})
-    gone = [*ended, failed]
+    await wait_state(r, "ContinueTask", running, {"running"})
+    gone = [*ended, failed, pending]
 
     async def keys_of(pk: int) -> int:
         return int(await r.exists(events_key("ProgressTask", pk))) + int(await r.exists(state_key("ProgressTask", pk)))
 
     out = project.manage("cleanup_old_tasks", "--hours", "0", "--dry-run")
-    assert "examples.ProgressTask: would delete 3 tasks" in out, out
-    assert "would delete 3 tasks in all" in out, out
-    assert set(rows(project, "ProgressTask")) == {*gone, pending}
-    for pk in gone:
+    assert "examples.ProgressTask: would delete 4 tasks (3 ended, 1 stuck pending or queued)" in out, out
+    assert "would delete 4 tasks in all" in out, out
+    assert set(rows(project, "ProgressTask")) == set(gone)
+    for pk in [*ended, failed]:
         assert await keys_of(pk) == 2, pk
 
     out = project.manage("cleanup_old_tasks", "--hours", "0")
-    assert "deleted 3 tasks in all" in out, out
-    assert set(rows(project, "ProgressTask")) == {pending}
+    assert "deleted 4 tasks in all" in out, out
+    assert set(rows(project, "ProgressTask")) == set()
     for pk in gone:
         assert await keys_of(pk) == 0, (pk, await r.keys(f"*ProgressTask:{pk}*"))
-    assert (await task_state(r, "ProgressTask", pending)).get("state") == "pending"
+    assert set(rows(project, "ContinueTask")) == {running}
+    assert (await task_state(r, "ContinueTask", running))["state"] == "running"

@@ -14,6 +14,8 @@ another run owns the task              nothing (``WriterFenced``): the outcome a
                                        are the other run's; this run never acknowledges
                                        the job (the other worker's entry now)
 Redis fails under the run              nothing: once the lease expires, recovery takes over
+the job names a model this worker      nothing, and never begun: the job stays in the queue
+lacks (deployed after it started)      for a worker that has the model (after a lease)
 =====================================  ===================================================
 
 Stops come from outside (the control channel, the lease renewal, a shutdown) and are honoured
@@ -36,6 +38,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
+from django.db import DatabaseError
 from redis.exceptions import RedisError
 
 from django_app.models import StreamTask
@@ -72,6 +75,10 @@ class Run:
     begun: bool = False
     #: ``process()`` returned or raised: the run writes its end, which no stop interrupts.
     ending: bool = False
+    #: The task's row, when it was loaded before ``begin`` (see ``Executor._model_unknown``).
+    row: StreamTask | None = None
+    #: The row is being loaded before ``begin``: a stop may cancel that, nothing is cut off.
+    loading: bool = False
 
     @property
     def label(self) -> str:
@@ -80,12 +87,12 @@ class Run:
     def stop(self, reason: StopReason) -> bool:
         """Stop the run for ``reason``, unless it already ended, is writing its end, or is
         already being stopped (the first reason wins). A run that has not begun is not
-        cancelled (that would cut ``begin`` off midway): it acts on the reason once it has.
-        True when this call stopped it."""
+        cancelled (that would cut ``begin`` off midway), but for the load of its row before
+        ``begin``: it acts on the reason once it has begun. True when this call stopped it."""
         if self.task is None or self.task.done() or self.stop_reason is not None or self.ending:
             return False
         self.stop_reason = reason
-        if self.begun:
+        if self.begun or self.loading:
             self.task.cancel()
         return True
 
@@ -105,6 +112,8 @@ class Executor:
         label = run.label
         try:
             if attempt is None:
+                if run.stop_reason != StopReason.HAND_BACK and await self._model_unknown(run):
+                    return
                 if run.stop_reason == StopReason.HAND_BACK:
                     # Not begun: the job stays pending, and another worker runs it once it has
                     # been idle for a lease (recovery's "queued").
@@ -125,6 +134,45 @@ class Executor:
             # Typically the database refused the outcome. The job stays pending: once the lease
             # runs out, recovery acknowledges it (the stream has its end) or runs it again.
             log.exception("task %s: ending the run failed; leaving it to recovery", label)
+
+    async def _model_unknown(self, run: Run) -> bool:
+        """True when the job names a model this worker does not have, so it leaves the job to
+        a worker that has: a model deployed after this worker started (its code cannot be
+        loaded into a running process). The task is not begun, so it stays queued and the run
+        counts as no attempt; the job stays unacknowledged in the queue, where the recovery
+        round of any worker takes it once it has been idle for a lease (recovery's "queued"
+        runs it as usual). That lease is the back-off: a worker that lacks the model meets the
+        job again at most once a lease, never in a hot loop.
+
+        The row is loaded here, before ``begin``, for that question (``load_task`` answers
+        LookupError for an unknown model only), and kept for the run. Any other failure to load
+        it is left to the run, which begins the task and then fails it as before; so is a stop
+        that comes while it loads (it cancels the load)."""
+        ref = run.job.ref
+        run.loading = True
+        try:
+            run.row = await outcomes.load_task(ref)
+            return False
+        except asyncio.CancelledError:
+            if run.stop_reason is None:
+                raise  # the worker itself is being torn down
+            _uncancel()
+            return False
+        except LookupError:
+            pass  # no such model here
+        except (ValueError, ObjectDoesNotExist, DatabaseError):
+            return False  # the run begins the task, then fails it (or leaves it to recovery), as before
+        finally:
+            run.loading = False
+        record = await self.events.state(ref)
+        if record is None or record.state != State.QUEUED:
+            return False  # nothing left to run (cancelled, deleted): begin refuses it, and drops the job
+        log.warning(
+            "task %s: this worker has no model %s (added after the worker started?); left in the "
+            "queue for a worker that has it, tried again in %gs. Restart or deploy the workers.",
+            ref, ref.model_label, self.lease_ms / 1000,
+        )
+        return True
 
     async def _not_begun(self, run: Run) -> None:
         """``begin`` refused the task: it is not queued (cancelled before it began, begun from
@@ -155,7 +203,7 @@ class Executor:
                 # worker before the run could be stopped, or went to the worker before it.
                 run.stop_reason = StopReason.CANCEL
             if run.stop_reason is None:
-                task = await outcomes.load_task(ref)
+                task = run.row if run.row is not None else await outcomes.load_task(ref)
                 task._stream_writer = writer
                 await outcomes.record_running(task)
                 if attempt > 1:

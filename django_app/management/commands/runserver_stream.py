@@ -44,7 +44,13 @@ class Command(BaseCommand):
         settings = conf.get_settings()
         embedded = None
         if not settings.redis_url:
-            embedded = EmbeddedRedis(settings.embedded_url_file, settings.secret)
+            try:
+                embedded = EmbeddedRedis(settings.embedded_url_file, settings.secret)
+            except ConfigurationError:  # fakeredis, the optional stand-in, is not installed
+                raise CommandError(
+                    "no Redis: set STREAMCOORD_REDIS_URL, or pip install 'streamcoord[embedded]' "
+                    "for the embedded default"
+                ) from None
             conf.use_embedded(embedded.url, embedded.secret)
             settings = conf.get_settings()
         try:
