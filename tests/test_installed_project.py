@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,7 +139,7 @@ class Site:
     project: Path
     redis: RedisServer
     env: dict[str, str]
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def run(self, *args: str, timeout: float = 120) -> str:
         result = subprocess.run(
@@ -152,7 +153,7 @@ class Site:
         log = self.project / f"{name}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen([str(self.venv_python), *args], cwd=self.project, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        self.processes.append(process)
+        self.processes[name] = process
 
         def started() -> bool:
             if process.poll() is not None:
@@ -237,7 +238,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         site.run("manage.py", "createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com")
         yield site
     finally:
-        for process in site.processes:
+        for process in site.processes.values():
             stop_process(process)
         redis_server.stop()
 
@@ -374,3 +375,17 @@ def test_the_admin_cancel_action_stops_a_running_task(serving: dict[str, Any], s
         assert page.status_code == 200
     status = site.run("manage.py", "shell", "-c", f"from shop.models import ExportTask; print(ExportTask.objects.get(pk='{answer['id']}').status)")
     assert status.strip().splitlines()[-1] == "cancelled"  # after the shell's "N objects imported"
+
+
+def test_the_servers_stop_on_sigterm(serving: dict[str, Any], site: Site) -> None:
+    """No thread of ours keeps a server alive (the predecessor's per-request loops did)."""
+    for name in ("uvicorn", "runserver", "worker", "gateway"):
+        process = site.processes[name]
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError(f"{name} did not stop on SIGTERM") from None
+        # uvicorn 0.29+ re-raises the signal once it has shut down: -15 is its clean stop.
+        assert code in (0, -signal.SIGTERM), (name, code)
