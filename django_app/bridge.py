@@ -39,6 +39,13 @@ class RedisLoop:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid = 0
+        # A forked child has no loop thread, and may inherit the lock held by another thread
+        # of its parent: it starts afresh.
+        os.register_at_fork(after_in_child=self._forget_parent)
+
+    def _forget_parent(self) -> None:
+        self._lock = threading.Lock()
+        self._loop = None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         """The loop, started on first use (and again in a forked child)."""

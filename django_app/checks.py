@@ -6,12 +6,14 @@ anything starts.
 ``E001``            an unknown key in ``settings.STREAMCOORD`` (a typo; the hint names the closest one)
 ``E002``            ``REDIS_URL`` is not one of the forms streamcoord reads (``streamcoord.connection``)
 ``E003``            ``GATEWAY_URL`` is not ``http(s)://host[:port][/path]``
-``E004``            token auth (the default) with a Redis URL but no ``SECRET``: no token can be signed
-                    (without a Redis URL the embedded default makes one: no error)
 ``E005``            ``SECRET`` shorter than 32 characters
 ``E006``            any other value :class:`streamcoord.Settings` refuses (its message)
 ``E007``            ``settings.STREAMCOORD`` is not a dict
 ``W001``            a ``STREAMCOORD_*`` environment variable that names no setting
+``W002``            token auth (the default) with a Redis URL but no ``SECRET``: no stream token can
+                    be signed or checked (without a Redis URL the embedded default makes one). A
+                    warning: commands that need none (``migrate``) still run; a gateway refuses to
+                    start without it and ``stream_url()`` raises
 ==================  =============================================================================
 
 :func:`check_settings` is the pure function (a mapping and an environment in, messages out);
@@ -59,7 +61,7 @@ def streamcoord_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
 
 @contextlib.contextmanager
 def tokens_unused() -> Iterator[None]:
-    """Checks run inside this leave out ``E004`` (no secret): for a command that neither signs
+    """Checks run inside this leave out ``W002`` (no secret): for a command that neither signs
     nor checks stream tokens (a worker). A short secret is still an error: Settings refuses it."""
     reset = _tokens_used.set(False)
     try:
@@ -238,9 +240,9 @@ def _missing_secret(values: _Values) -> CheckMessage | None:
     redis_url, where = values.get("redis_url")
     if secret or auth != "token" or not redis_url:
         return None
-    return Error(
+    return CheckWarning(
         f"stream tokens need {_variable('secret')}: it is unset, with {where} set",
         hint=f"set it (the same in Django and every gateway; {_MAKE_SECRET}), "
         f"or {_variable('stream_auth')}=public if every client is trusted",
-        id="streamcoord.E004",
+        id="streamcoord.W002",
     )

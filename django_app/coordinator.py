@@ -19,13 +19,13 @@ that is reused for the life of the process; ORM work stays in the caller's threa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from django.apps import apps
-from django.db import router, transaction
+from django.db import router
+from django.utils import timezone
 from redis.asyncio import Redis
 
 from streamcoord.connection import RedisFactory
@@ -38,6 +38,7 @@ from streamcoord.taskstate import State, TaskState
 
 from . import access, conf
 from .bridge import RedisLoop
+from .commits import after_commit, in_transaction
 from .models import Status, StreamTask
 
 T = TypeVar("T")
@@ -169,7 +170,7 @@ class TaskCoordinator:
         ref = _named(task, names)
         outcome = await self._redis(lambda p: p.queue.start(ref))
         if outcome.queued:
-            await _rows(task).filter(status=Status.PENDING).aupdate(status=Status.QUEUED)
+            await _rows(task).filter(status=Status.PENDING).aupdate(**_set(task, status=Status.QUEUED))
         return outcome
 
     def start_task_sync(self, task: StreamTask, *names: str) -> StartOutcome:
@@ -178,12 +179,12 @@ class TaskCoordinator:
         not see the row before), and not at all when it rolls back; the outcome then says
         ``deferred``."""
         ref = _named(task, names)
-        if _in_transaction(task):
-            transaction.on_commit(functools.partial(self.start_task_sync, task), using=_db(task))
+        if in_transaction(_db(task)):
+            after_commit(lambda: self.start_task_sync(task), _db(task), f"start task {ref}")
             return StartOutcome(queued=False, state="", deferred=True)
         outcome = self._redis_sync(lambda p: p.queue.start(ref))
         if outcome.queued:
-            _rows(task).filter(status=Status.PENDING).update(status=Status.QUEUED)
+            _rows(task).filter(status=Status.PENDING).update(**_set(task, status=Status.QUEUED))
         return outcome
 
     async def retry_task(self, task: StreamTask) -> StartOutcome:
@@ -191,20 +192,20 @@ class TaskCoordinator:
         clients get ``reset`` and then the new run's events. A task that has not ended is only
         started (when pending) or left alone."""
         ref = task.stream_ref
-        renewed, _ = await self._redis(lambda p: p.queue.renew_ended(ref))
-        if renewed:
-            await _rows(task).aupdate(**_renewed_fields())
+        renewed, before = await self._redis(lambda p: p.queue.renew_ended(ref))
+        if _renews_row(task, renewed, before):
+            await _rows(task).aupdate(**_renewed(task))
         return await self.start_task(task)
 
     def retry_task_sync(self, task: StreamTask) -> StartOutcome:
         """:meth:`retry_task` for sync code (inside a transaction, done when it commits)."""
-        if _in_transaction(task):
-            transaction.on_commit(functools.partial(self.retry_task_sync, task), using=_db(task))
-            return StartOutcome(queued=False, state="", deferred=True)
         ref = task.stream_ref
-        renewed, _ = self._redis_sync(lambda p: p.queue.renew_ended(ref))
-        if renewed:
-            _rows(task).update(**_renewed_fields())
+        if in_transaction(_db(task)):
+            after_commit(lambda: self.retry_task_sync(task), _db(task), f"retry task {ref}")
+            return StartOutcome(queued=False, state="", deferred=True)
+        renewed, before = self._redis_sync(lambda p: p.queue.renew_ended(ref))
+        if _renews_row(task, renewed, before):
+            _rows(task).update(**_renewed(task))
         return self.start_task_sync(task)
 
     async def get_task_instance(self, model_name: str, task_id: Any) -> StreamTask:
@@ -228,6 +229,11 @@ class TaskCoordinator:
         ref = task.stream_ref
         return self._redis_sync(lambda p: p.events.state(ref))
 
+    def task_states_sync(self, tasks: Sequence[StreamTask]) -> list[TaskState | None]:
+        """The state records of several tasks, in one round trip (an admin page's rows)."""
+        refs = [t.stream_ref for t in tasks]
+        return self._redis_sync(lambda p: p.events.states(refs))
+
     async def cancel_task(self, task: StreamTask) -> CancelOutcome:
         """Cancel the task wherever it is: a pending or queued one never starts; a running one
         is cancelled by its worker within a second. The outcome says what happened
@@ -242,8 +248,12 @@ class TaskCoordinator:
         return outcome
 
     def cancel_task_sync(self, task: StreamTask) -> CancelOutcome:
-        """:meth:`cancel_task` for sync code."""
+        """:meth:`cancel_task` for sync code (inside a transaction, done when it commits: a row
+        created in it is not in Redis before, and a rolled-back one must not be cancelled)."""
         ref = task.stream_ref
+        if in_transaction(_db(task)):
+            after_commit(lambda: self.cancel_task_sync(task), _db(task), f"cancel task {ref}")
+            return CancelOutcome("", deferred=True)
         outcome = self._redis_sync(lambda p: _cancel(p, ref))
         if outcome.cancelled:
             task.mark_failed_sync(CANCELLED_BEFORE_START, status=Status.CANCELLED)
@@ -306,14 +316,25 @@ def _db(task: StreamTask) -> str:
     return router.db_for_write(type(task), instance=task)
 
 
-def _in_transaction(task: StreamTask) -> bool:
-    """Whether the caller is inside ``transaction.atomic`` on the task's database."""
-    return transaction.get_connection(_db(task)).in_atomic_block
+def _set(task: StreamTask, **fields: Any) -> dict[str, Any]:
+    """``fields`` and ``updated_at`` (an ``update()`` skips ``auto_now``: without it a task
+    started long after it was created would look stuck to ``cleanup_old_tasks``), set on the
+    instance too, so that a later ``save()`` does not write the old values back."""
+    fields["updated_at"] = timezone.now()
+    for name, value in fields.items():
+        setattr(task, name, value)
+    return fields
 
 
-def _renewed_fields() -> dict[str, Any]:
+def _renews_row(task: StreamTask, renewed: bool, before: str) -> bool:
+    """Whether a retry makes the row pending again: Redis renewed an ended task, or Redis no
+    longer knows it (its keys expired) while the row says it ended."""
+    return renewed or (not before and task.status in (Status.COMPLETED, Status.FAILED, Status.CANCELLED))
+
+
+def _renewed(task: StreamTask) -> dict[str, Any]:
     """A retried row: pending again, its last run's end forgotten."""
-    return {"status": Status.PENDING, "error": "", "completed_at": None, "final_value": None}
+    return _set(task, status=Status.PENDING, error="", completed_at=None, final_value=None)
 
 
 coordinator = TaskCoordinator()

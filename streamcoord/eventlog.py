@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,6 +62,16 @@ class EventLog:
     async def state(self, ref: TaskRef) -> TaskState | None:
         raw: Any = await self.redis.hgetall(self.keys.state(ref))
         return TaskState.from_hash(raw)
+
+    async def states(self, refs: Sequence[TaskRef]) -> list[TaskState | None]:
+        """Several tasks' records in one round trip (one pipeline; a cluster's client splits
+        it by node)."""
+        if not refs:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in refs:
+            pipe.hgetall(self.keys.state(ref))
+        return [TaskState.from_hash(raw) for raw in await pipe.execute()]
 
     async def end_cancelled_before_start(self, ref: TaskRef) -> str:
         """Write the ``cancelled`` event of a task ``cancel.lua`` left ``cancelling`` (no worker

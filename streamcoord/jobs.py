@@ -90,11 +90,15 @@ class CancelOutcome:
     state: str
     worker: str = ""
     cancelled: bool = False
+    #: the cancel waits for the caller's database transaction to commit (the Django side)
+    deferred: bool = False
 
     def __bool__(self) -> bool:
-        return self.cancelled or bool(self.worker)
+        return self.cancelled or bool(self.worker) or self.deferred
 
     def describe(self) -> str:
+        if self.deferred:
+            return "cancelled when the transaction commits"
         if self.cancelled:
             return "cancelled before it started"
         if self.worker:

@@ -11,6 +11,10 @@ that every name a script uses is defined here. The state moves like this::
                           └──cancel──▶ cancelling ──cancelled event──▶ │  │ expired: a new run)
                                                                        └──┘
 
+An ended task (completed, failed, cancelled) stays so until it expires, or until a retry
+(``retry.lua``) makes it ``pending`` again with its old stream gone. A deleted row's record is
+removed unless the task runs (``forget.lua``).
+
 ``cancelling`` is Redis-only: a task asked to stop before any worker began it, until its
 ``cancelled`` event is written. Django's ``Status`` holds every other name.
 """
@@ -41,7 +45,7 @@ TERMINAL_EVENTS: dict[str, State] = {
     "error": State.FAILED,
     "cancelled": State.CANCELLED,
 }
-#: States a task never leaves (its stream and record then expire).
+#: States a task leaves only by a retry (else its stream and record expire).
 ENDED: frozenset[State] = frozenset(TERMINAL_EVENTS.values())
 #: Every move the scripts make, as (from, to); ``None`` is "no record". A test walks the scripts
 #: and checks none moves otherwise.
@@ -61,6 +65,8 @@ TRANSITIONS: frozenset[tuple[State | None, State]] = frozenset(
         (State.QUEUED, State.RUNNING),
         (State.CANCELLING, State.RUNNING),
         *((before, end) for before in (None, State.PENDING, State.QUEUED, State.RUNNING, State.CANCELLING) for end in ENDED),
+        # retry: an ended task made new again (its old stream goes with it)
+        *((end, State.PENDING) for end in ENDED),
     }
 )
 

@@ -142,13 +142,13 @@ def test_a_gateway_url_that_is_no_base_url_is_an_error_reported_once(url: str, p
     assert "STREAMCOORD_GATEWAY_URL" in error.msg and problem in error.msg, error.msg
 
 
-# -- E004, E005: the secret --------------------------------------------------------------------
+# -- W002, E005: the secret --------------------------------------------------------------------
 
 
 def test_token_auth_with_a_redis_url_and_no_secret_is_an_error() -> None:
-    error = only(check_settings({"REDIS_URL": "redis://h/0"}, {}), "streamcoord.E004")
+    error = only(check_settings({"REDIS_URL": "redis://h/0"}, {}), "streamcoord.W002")
     assert "STREAMCOORD_SECRET" in error.msg and error.hint and "STREAMCOORD_STREAM_AUTH=public" in error.hint
-    only(check_settings({}, {"STREAMCOORD_REDIS_URL": "redis://h/0", "STREAMCOORD_STREAM_AUTH": "token"}), "streamcoord.E004")
+    only(check_settings({}, {"STREAMCOORD_REDIS_URL": "redis://h/0", "STREAMCOORD_STREAM_AUTH": "token"}), "streamcoord.W002")
 
 
 @pytest.mark.parametrize(
@@ -218,10 +218,10 @@ def test_the_registered_check_reads_settings_and_the_environment(monkeypatch: py
     assert streamcoord_settings in registry.registry.get_checks()
     assert "streamcoord" in registry.registry.tags_available()
     with override_settings(STREAMCOORD={"REDIS_URL": "redis://h/0", "LAZYSTART": False}):
-        assert ids(streamcoord_settings(None)) == ["streamcoord.E001", "streamcoord.E004"]
+        assert ids(streamcoord_settings(None)) == ["streamcoord.E001", "streamcoord.W002"]
         with tokens_unused():
             assert ids(streamcoord_settings(None)) == ["streamcoord.E001"]
-        assert ids(streamcoord_settings(None)) == ["streamcoord.E001", "streamcoord.E004"]
+        assert ids(streamcoord_settings(None)) == ["streamcoord.E001", "streamcoord.W002"]
     monkeypatch.setenv("STREAMCOORD_SECRET", SECRET)
     with override_settings(STREAMCOORD={"REDIS_URL": "redis://h/0"}):
         assert streamcoord_settings(None) == []

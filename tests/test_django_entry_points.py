@@ -6,6 +6,7 @@ and reports what it saw as one JSON line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from typing import Any
@@ -78,16 +79,59 @@ def test_redis_hears_of_a_row_only_when_its_transaction_commits(project: Project
             kept = ProgressTask.objects.create(steps=1)
             outcome = coordinator.start_task_sync(kept)
             inside = record(kept)
+            try:
+                with transaction.atomic():  # a savepoint, rolled back in a block that commits
+                    inner = ExportTask.objects.create()
+                    coordinator.start_task_sync(inner)
+                    raise RuntimeError("roll back the savepoint")
+            except RuntimeError:
+                pass
+            cancelled = ExportTask.objects.create()
+            cancel = coordinator.cancel_task_sync(cancelled)
         print(json.dumps({
             "lost_start": lost_start.describe(), "lost": record(lost),
             "outcome": outcome.describe(), "deferred": outcome.deferred, "inside": inside,
             "after": record(kept), "row": ProgressTask.objects.get(pk=kept.pk).status,
+            "inner": record(inner), "cancel": cancel.describe(), "cancelled": record(cancelled),
+            "cancelled_row": ExportTask.objects.get(pk=cancelled.pk).status,
         }))
     """)
     assert seen["lost_start"] == "queued when the transaction commits"
     assert seen["lost"] == {}, "a rolled-back row reached Redis"
     assert seen["deferred"] and seen["inside"] == {}, seen
     assert seen["after"]["state"] == "queued" and seen["row"] == "queued", seen
+    assert seen["inner"] == {}, "a row of a rolled-back savepoint reached Redis"
+    assert seen["cancel"] == "cancelled when the transaction commits"
+    assert seen["cancelled"]["state"] == "cancelled" and seen["cancelled_row"] == "cancelled", seen
+
+
+def test_other_models_keep_fast_deletes(project: Project) -> None:
+    """The row hooks are connected per task model: a project's other models keep Django's
+    fast delete (one DELETE, no rows loaded, no signals)."""
+    seen = scenario(project, """
+        from django.contrib.sessions.models import Session
+        from django.db.models.deletion import Collector
+        print(json.dumps({"session": Collector("default").can_fast_delete(Session.objects.all()),
+                          "task": Collector("default").can_fast_delete(ExportTask.objects.all())}))
+    """)
+    assert seen == {"session": True, "task": False}
+
+
+async def test_deleting_a_running_task_cancels_it(project: Project, redis: Redis) -> None:
+    project.worker()
+    task = project.create_task("ContinueTask", start=True)
+    ref = TaskRef("examples", "ContinueTask", str(task["id"]))
+    wait_for(lambda: shell(project, f"from django_app.coordinator import coordinator; print(coordinator.is_task_running('ContinueTask', {task['id']}))") == "True", 30, "the task to run")
+    shell(project, f"from django_app.examples.models import ContinueTask; ContinueTask.objects.filter(pk={task['id']}).delete()")
+
+    async def ended() -> bool:
+        return (await state(redis, ref)).get("state") == "cancelled"
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await ended():
+        assert asyncio.get_running_loop().time() < deadline, await state(redis, ref)
+        await asyncio.sleep(0.1)
+    assert [e.type for e in await stream(redis, ref)][-1] == b"cancelled"
 
 
 async def test_deleting_a_row_removes_its_keys(project: Project, redis: Redis) -> None:

@@ -28,7 +28,10 @@ SCRIPT_WORDS = {"start", "lazy"} | set(Status) | set(Verdict) | {"epoch", "type"
 
 def test_every_script_is_known_and_documents_its_contract() -> None:
     names = {path.stem for path in SCRIPTS}
-    assert names == {"append", "start", "job_added", "start_failed", "begin", "renew", "recover", "hand_back", "cancel", "finish_if_ours"}
+    assert names == {
+        "append", "start", "job_added", "start_failed", "begin", "renew", "recover", "hand_back", "cancel",
+        "retry", "forget", "finish_if_ours",
+    }
     for path in SCRIPTS:
         header = path.read_text().split("\n", 1)[0]
         assert header.startswith("-- "), f"{path.name} starts without its contract comment"
@@ -89,7 +92,7 @@ async def test_random_walks_through_the_scripts_make_only_the_drawn_moves(
     for _ in range(600):
         ref = rng.choice(refs)
         before = await state_of(ref)
-        step = rng.choice(["declare", "start", "lazy", "begin", "cancel", "event", "end", "expire", "recover"])
+        step = rng.choice(["declare", "start", "lazy", "begin", "cancel", "event", "end", "expire", "recover", "retry", "forget"])
         if step == "declare":
             await log.declare(ref)
         elif step in ("start", "lazy"):
@@ -102,8 +105,15 @@ async def test_random_walks_through_the_scripts_make_only_the_drawn_moves(
             await redis.hset(keys.state(ref), "lease_until", 0)  # its worker stopped renewing
             entry = await redis.xadd(keys.jobs(), {"task": ref.label})
             await queue.recover(Job(entry.decode(), ref), "w2", f"run-{rng.random()}", 30_000, 3)
-        elif step == "expire":
-            await redis.delete(keys.state(ref), keys.events(ref))
+        elif step == "retry":
+            await queue.renew_ended(ref)
+        elif step in ("expire", "forget"):
+            if step == "expire":
+                await redis.delete(keys.state(ref), keys.events(ref))
+            elif await queue.forget(ref) == State.RUNNING:
+                assert await state_of(ref) == State.RUNNING, "forget deleted a running task's record"
+                continue
+            assert await state_of(ref) is None and not await redis.exists(keys.events(ref))
             writers[ref] = log.writer(ref, "")
             continue
         else:
@@ -119,6 +129,7 @@ async def test_random_walks_through_the_scripts_make_only_the_drawn_moves(
             assert after is not None, f"{step} deleted the record of {ref}"
             assert (before, after) in TRANSITIONS, f"{step} moved {ref} from {before} to {after}"
             seen.add((before, after))
-        if before in ENDED:
+        if before in ENDED and step != "retry":
             assert after == before, f"{step} moved the ended {ref} on"
     assert len(seen) >= 10, f"the walk saw only {sorted(map(str, seen))}"
+    assert any(before in ENDED and after == State.PENDING for before, after in seen), "no retry renewed a task"

@@ -8,12 +8,14 @@ from typing import Any
 
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from redis.exceptions import RedisError
 
 from django_app import conf
 from django_app.coordinator import coordinator
 from django_app.worker.runner import Worker
 from streamcoord import runtime
 from streamcoord.cli import DEFAULT_SOCKET, add_admin_options, admin_target, bind_target
+from streamcoord.connection import redacted
 from streamcoord.embedded import EmbeddedRedis
 from streamcoord.errors import ConfigurationError
 from streamcoord.server import serve
@@ -57,12 +59,16 @@ class Command(BaseCommand):
             runtime.run(self._serve(settings, target, embedded is not None))
         except ConfigurationError as exc:  # e.g. --socket names something that is no socket
             raise CommandError(str(exc)) from None
+
         finally:
             if embedded is not None:
                 embedded.close()
 
     async def _serve(self, settings: Settings, target: dict[str, Any], embedded: bool) -> None:
-        await coordinator.register_models()
+        try:  # the first Redis call: an unreachable Redis is a clear error, not a traceback
+            await coordinator.register_models()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise ConfigurationError(f"cannot reach Redis at {redacted(settings.redis_url)}: {exc}") from None
         if not embedded:
             # A stateless gateway holds only its own connections: drop the coordinator's.
             await coordinator.close()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from streamcoord import runtime
 
 #: The logger of the worker's lines: its start and stop, and each task's outcome.
 WORKER_LOGGER = "django_app.worker"
+#: Set in the environment of the worker ``--reload`` runs (and restarts).
+RELOADED_CHILD = "STREAMCOORD_RELOADED_WORKER"
 
 
 class Command(BaseCommand):
@@ -37,7 +40,7 @@ class Command(BaseCommand):
 
     def check(self, *args: Any, **kwargs: Any) -> None:
         # A worker neither signs nor checks stream tokens: the missing secret's check
-        # (streamcoord.E004) is for the Django site and the gateways, not for it.
+        # (streamcoord.W002) is for the Django site and the gateways, not for it.
         with tokens_unused():
             super().check(*args, **kwargs)
 
@@ -48,7 +51,9 @@ class Command(BaseCommand):
                 "no Redis: set STREAMCOORD_REDIS_URL, or start `manage.py runserver_stream` "
                 "(its embedded default runs a worker of its own)"
             )
-        if reload:
+        # The child --reload starts is marked, so that it never reloads in turn (an abbreviated
+        # option, --rel, would reach it unfiltered).
+        if reload and os.environ.get(RELOADED_CHILD) != "1":
             self._run_reloading(math.ceil(settings.shutdown_grace_seconds) + 5)
             return
         log_to_stderr_unless_configured()
@@ -64,6 +69,7 @@ class Command(BaseCommand):
         root = Path(getattr(django_settings, "BASE_DIR", None) or Path.cwd())
         # How Django's runserver restarts itself: the same interpreter, options and script.
         child = [arg for arg in autoreload.get_child_arguments() if arg != "--reload"]
+        os.environ[RELOADED_CHILD] = "1"  # inherited by every child run_process starts
         self.stderr.write(f"runworker --reload: watching {root} for changes to .py files (development only)")
 
         def restarting(changes: set[tuple[Any, str]]) -> None:
