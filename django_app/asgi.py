@@ -72,7 +72,8 @@ PROBES = frozenset({"/health", "/ready"})
 DRAIN_INTERVAL_SECONDS = 0.1
 NO_REDIS = (
     "with_streams needs a Redis: set STREAMCOORD_REDIS_URL (or STREAMCOORD['REDIS_URL'] in "
-    "settings.py). The embedded default is manage.py runserver_stream's alone"
+    "settings.py), or start manage.py runserver_stream first: its embedded default is used "
+    "when it runs"
 )
 NO_LIFESPAN = (
     "streams are not served: the server runs this application without the ASGI lifespan, "

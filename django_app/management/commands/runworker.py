@@ -19,7 +19,7 @@ from streamcoord import runtime
 #: The logger of the worker's lines: its start and stop, and each task's outcome.
 WORKER_LOGGER = "django_app.worker"
 #: Set in the environment of the worker ``--reload`` runs (and restarts).
-RELOADED_CHILD = "STREAMCOORD_RELOADED_WORKER"
+RELOADED_CHILD = "RUNWORKER_RELOADED_CHILD"  # no STREAMCOORD_ prefix: that would name a setting (W001)
 
 
 class Command(BaseCommand):
