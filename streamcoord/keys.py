@@ -115,5 +115,9 @@ class KeySpace:
     def worker_control(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}:control"
 
+    def gateways(self) -> str:
+        """The registry of gateway processes (HASH: gateway id -> JSON entry, like workers')."""
+        return f"{self.prefix}:gateways"
+
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead"
