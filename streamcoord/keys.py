@@ -12,6 +12,7 @@ land in one Redis Cluster slot and the append script may touch both::
     <prefix>:worker:<id>:running           SET     labels of the tasks a worker runs now
     <prefix>:worker:<id>:control           STREAM  requests to one worker (cancel a task)
     <prefix>:dead                          STREAM  tasks that used up their attempts, malformed job entries
+    <prefix>:gateways                      HASH    gateway id -> JSON (host, pid, address, heartbeat, ...)
 """
 
 from __future__ import annotations
