@@ -19,6 +19,8 @@ listener's bytes (:meth:`streamcoord.listener.Listener.hold`).
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 from .codec import Frame
@@ -27,7 +29,7 @@ from .hub import Hub
 from .ids import EventId
 from .keys import TaskRef
 from .listener import Batch, BatchKind
-from .resets import ResetReason, epoch_reset, gap_reset, reset_frame
+from .resets import RESET_EVENT, ResetReason, epoch_reset, gap_reset, reset_frame
 from .resume import Start, find_start
 from .window import frames_bytes, runs_within
 
@@ -38,6 +40,22 @@ _HEARTBEAT = BatchKind.HEARTBEAT
 #: client that stops reading holds in a waiting send and in its connection's buffer (uvicorn
 #: makes a writer wait once that buffer holds 64 KiB).
 CHUNK_BYTES = 64 * 1024
+#: How a reset frame (:func:`streamcoord.resets.reset_frame`) begins: what tells one among the
+#: frames decided at open time.
+_RESET_HEAD = b"event: " + RESET_EVENT.encode() + b"\ndata: "
+
+
+def count_preface(stats: collections.Counter[str], preface: Sequence[bytes]) -> None:
+    """Count the frames decided at open time as they go out (for the gateway's metrics): each
+    reset by its reason (``reset_<reason>``), and any other frame, an expired stream's outcome
+    rebuilt from its state record, as an event sent from history. The reasons were decided in
+    :func:`streamcoord.resume.place` and arrive encoded: read back from the frame's JSON."""
+    for frame in preface:
+        if frame.startswith(_RESET_HEAD):
+            reason = json.loads(frame[len(_RESET_HEAD):].partition(b"\n")[0])["reason"]
+            stats[f"reset_{reason}"] += 1
+        else:
+            stats["history_deliveries"] += 1
 
 
 class Feed:
@@ -80,6 +98,8 @@ class Feed:
         """Yield what the client is sent before live events: resets, history, and what was
         missed while subscribing. Listens to the hub by the time it ends."""
         out, self._pending = self._pending, []
+        if out:
+            count_preface(self.hub.stats, out)
         if self.ended:
             if out:
                 yield b"".join(out)
@@ -202,24 +222,30 @@ class Feed:
         epoch resets the client, and a gap before one is first read from Redis. Otherwise the
         frames were read from Redis (or the window) and run as Redis holds them. Either way, a
         gap that remains was trimmed away: the client is told, and goes on from there."""
-        for frame in frames:
-            if live and (reason := epoch_reset(self._epoch, frame.epoch)):
-                # The stream was created anew under us: everything we sent is history of
-                # another epoch. Tell the client, then send the new stream from its start.
-                out.append(self._reset(reason))
-                self._epoch, self._last = frame.epoch, 0
-            if frame.seq <= self._last:
-                continue
-            if frame.seq != self._last + 1:
-                if live and await self._catch_up(frame.seq, out):
-                    return True
-                if reason := gap_reset(self._last, frame.seq):
+        sent = 0  # frames read from Redis that go out: counted once, whichever way this ends
+        try:
+            for frame in frames:
+                if live and (reason := epoch_reset(self._epoch, frame.epoch)):
+                    # The stream was created anew under us: everything we sent is history of
+                    # another epoch. Tell the client, then send the new stream from its start.
                     out.append(self._reset(reason))
-            out.append(frame.data)
-            self._last, self._epoch = frame.seq, frame.epoch
-            if frame.terminal:
-                return True
-        return False
+                    self._epoch, self._last = frame.epoch, 0
+                if frame.seq <= self._last:
+                    continue
+                if frame.seq != self._last + 1:
+                    if live and await self._catch_up(frame.seq, out):
+                        return True
+                    if reason := gap_reset(self._last, frame.seq):
+                        out.append(self._reset(reason))
+                out.append(frame.data)
+                sent += 1
+                self._last, self._epoch = frame.seq, frame.epoch
+                if frame.terminal:
+                    return True
+            return False
+        finally:
+            if not live:  # (live frames were counted by the hub, as it handed them out)
+                self.hub.stats["history_deliveries"] += sent
 
     async def _catch_up(self, before: int, out: list[bytes]) -> bool:
         """Send what Redis holds between the client's position and ``before`` (a gap before an
@@ -233,6 +259,7 @@ class Feed:
         return False
 
     def _reset(self, reason: ResetReason) -> bytes:
+        self.hub.stats[f"reset_{reason.value}"] += 1
         return reset_frame(reason, self._epoch, self.ref)
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ On the admin listener only (``--admin-socket``/``--admin-port``; never the publi
 these paths answer 404)::
 
     GET /stats                            this process's listeners, streams and counters (JSON)
+    GET /metrics                          the same counters for Prometheus (streamcoord.metrics)
+    GET /  and  GET /dashboard/...        the live dashboard (streamcoord.dashboard)
     GET /health                           200 "OK"
 
 A stream needs a stream token (``streamcoord.access``) unless ``stream_auth`` is ``public``: 401
@@ -40,6 +42,7 @@ from redis.exceptions import RedisError
 
 from . import cors, sse
 from .access import CHALLENGE, Permit, Refusal, authorize, require_secret
+from .dashboard import Dashboard
 from .direct import DirectWriter
 from .errors import InvalidEventId, InvalidTaskRef, UnknownTask
 from .eventlog import EventLog
@@ -48,6 +51,8 @@ from .hub import Hub
 from .ids import EventId, parse_event_id
 from .jobs import START_GRACE_MS, JobQueue
 from .keys import TaskRef
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import GatewayMetrics
 from .registry import ModelRegistry
 from .settings import Settings
 from .stall import WriteStall
@@ -152,6 +157,13 @@ class Gateway:
         self._open_chunk = sse.OPEN_COMMENT + sse.encode_retry(settings.retry_ms)
         self._later_starts: dict[TaskRef, asyncio.Task[None]] = {}
         self._cors_origins = settings.cors_origin_list
+        # For /metrics, read when scraped: the stream connections open now (each one's
+        # WriteStall counts the bytes it was written), how many were opened, and the bytes
+        # written by those already closed (and by the open lines).
+        self.connections: set[WriteStall] = set()
+        self.connections_opened = 0
+        self._closed_bytes = 0
+        self.metrics = GatewayMetrics(self)
 
     def _start_after_grace(self, ref: TaskRef) -> None:
         """Another start is adding the task's job, or was cut off doing it: this client waits on
@@ -166,6 +178,7 @@ class Gateway:
                 await self.jobs.start(ref, lazy=True)
             except (RedisError, OSError) as exc:
                 log.warning("starting %s after another start's grace failed: %s", ref, exc)
+                self.hub.stats["request_redis_errors"] += 1
             finally:
                 self._later_starts.pop(ref, None)
 
@@ -180,6 +193,7 @@ class Gateway:
             return await self._route(request)
         except RedisError as exc:
             log.warning("Redis error serving %s: %s", request.path, exc)
+            self.hub.stats["request_redis_errors"] += 1
             return text(503, "Redis is unavailable; retry shortly")
         except Exception:
             log.exception("error serving %s", request.path)
@@ -217,14 +231,18 @@ class Gateway:
         """The internal routes, for a listener only operators reach."""
         return asgineer.to_asgi(self.handle_admin)
 
-    async def handle_admin(self, request: HttpRequest) -> Response:
+    async def handle_admin(self, request: HttpRequest) -> Response | None:
         decode_leniently(request)
-        if request.path not in ("/stats", "/health"):
+        if Dashboard.serves(request.path):  # GET /, /dashboard/... (streamcoord.dashboard)
+            return await Dashboard.of(self).handle(request)
+        if request.path not in ("/stats", "/health", "/metrics"):
             return text(404, "not found")
         if request.method not in READ_METHODS:
             return method_not_allowed(READ_METHODS)
         if request.path == "/health":
             return text(200, "OK")
+        if request.path == "/metrics":
+            return 200, {"content-type": METRICS_CONTENT_TYPE, "cache-control": "no-store"}, self.metrics.exposition()
         return 200, {"content-type": "application/json", "cache-control": "no-store"}, json.dumps(self.stats())
 
     async def _ready(self) -> Response:
@@ -233,6 +251,7 @@ class Gateway:
         try:
             await asyncio.wait_for(self.log.redis.ping(), timeout=2)
         except (RedisError, OSError, TimeoutError):
+            self.hub.stats["request_redis_errors"] += 1
             return text(503, "Redis unavailable")
         return text(200, "READY")
 
@@ -249,6 +268,10 @@ class Gateway:
             "open_fds": _open_fds(),
             **self.hub.stats,
         }
+
+    def written_bytes(self) -> int:
+        """SSE bytes written to clients by this process: closed streams' and open ones'."""
+        return self._closed_bytes + sum(stall.written for stall in self.connections)
 
     async def _stream(self, request: HttpRequest, cors_headers: dict[str, str]) -> Response | None:
         parsed = parse_stream_path(request.path)
@@ -316,6 +339,7 @@ class Gateway:
             await request.send(b"", more=False)
             return None
         await request.send(self._open_chunk)
+        self._closed_bytes += len(self._open_chunk)
         await self._pump_until_done(request, feed)
         return None
 
@@ -332,6 +356,8 @@ class Gateway:
         # in uvicorn's send() is safe: it waits for the transport to drain before it writes
         # anything, so nothing is half-written, and the connection is aborted right after.
         stall = WriteStall(_transport(request), self.settings.write_stall_seconds)
+        self.connections.add(stall)
+        self.connections_opened += 1
         pump = asyncio.create_task(self._pump(request, feed, stall))
         stall.start(pump.cancel)
         watch = asyncio.create_task(_wait_disconnect(request))
@@ -342,13 +368,18 @@ class Gateway:
             pump.cancel()
             watch.cancel()
             closed = "stall" if stall.stalled else feed.listener.closed if feed.listener is not None else None
+            by_bytes = closed == "overflow" and feed.listener is not None and feed.listener.over_bytes
             feed.close()
+            self.connections.discard(stall)
+            self._closed_bytes += stall.written
         if pump not in done:  # (once the pump wrote the end, uvicorn tells the watch "disconnect")
             self.hub.stats["client_left"] += 1
             return
         if not pump.cancelled() and pump.exception() is not None:
             log.warning("stream of %s ended by an error: %s", feed.ref, pump.exception())
         self.hub.stats[f"closed_{closed}" if closed else "finished"] += 1
+        if by_bytes:
+            self.hub.stats["closed_overflow_bytes"] += 1  # the part of closed_overflow cut by bytes
         if closed in ("overflow", "stall"):
             abort_connection(request)
             return

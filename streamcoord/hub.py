@@ -39,8 +39,8 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -82,6 +82,33 @@ class Position(NamedTuple):
         """Redis holds the stream ``window`` saw: its epoch, and at least as many events as
         the window had when this position was read (else it was created anew or cut back)."""
         return self.epoch == window.epoch and self.last_seq >= self.window_last
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class CountedFlight(SingleFlight[K, V]):
+    """A :class:`SingleFlight` that adds the events each call read (``size`` of its result) to
+    ``stats[events]``, and the call to ``stats[calls]``: once per read of Redis, however many
+    feeds share it (the gateway's metrics count what the process took from Redis)."""
+
+    def __init__(
+        self, stats: collections.Counter[str], size: Callable[[V], int], events: str, calls: str | None = None
+    ) -> None:
+        super().__init__()
+        self._stats, self._size = stats, size
+        self._events_key, self._calls_key = events, calls
+
+    async def run(self, key: K, call: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
+        async def counted() -> V:  # runs only for the caller that starts the read
+            value = await call()
+            self._stats[self._events_key] += self._size(value)
+            if self._calls_key is not None:
+                self._stats[self._calls_key] += 1
+            return value
+
+        return await super().run(key, counted)
 
 
 class _Stream:
@@ -147,8 +174,13 @@ class Hub:
         self.stats: collections.Counter[str] = self._subscriber.stats  # one set of counters
         #: Reads that feeds of one stream, opening at the same moment, share: its state and
         #: tail, a page of its history, its position (to confirm a window).
-        self.history_reads: SingleFlight[str, Any] = SingleFlight()
-        self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = SingleFlight()
+        # (A snapshot's events: its tail and the malformed entries left out of it.)
+        self.history_reads: SingleFlight[str, Any] = CountedFlight(
+            self.stats, lambda snapshot: len(snapshot.tail) + len(snapshot.skipped), "history_read_events"
+        )
+        self.page_reads: SingleFlight[tuple[str, int, int | None], list[Frame]] = CountedFlight(
+            self.stats, len, "history_read_events", "history_pages"
+        )
         self.position_reads: SingleFlight[str, Position] = SingleFlight()
         self._revalidate_now = False  # a feed saw Redis disagree with a window
         self._check_now = asyncio.Event()
@@ -471,6 +503,7 @@ class Hub:
         if stream is None or not entries:  # the last listener left while the read was in flight
             return
         frames, skipped = entry_frames(entries)
+        self.stats["caught_up_events"] += len(frames)
         if skipped:
             self.skips.report(key, skipped)
             self.stats["skipped_entries"] += len(skipped)
@@ -494,6 +527,7 @@ class Hub:
                 await self._revalidate()
             except (RedisError, OSError) as exc:
                 log.warning("hub check of its streams failed: %s", exc)
+                self.stats["check_errors"] += 1
 
     async def _revalidate(self) -> None:
         """Check every followed stream against its state record: one that lost events in Redis

@@ -75,7 +75,7 @@ class Listener:
 
     __slots__ = (
         "_loop", "_waiter", "batches", "closed", "direct", "held_bytes", "key", "limit",
-        "limit_bytes", "pending", "pending_bytes", "task",
+        "limit_bytes", "over_bytes", "pending", "pending_bytes", "task",
     )
 
     def __init__(self, key: bytes, limit: int, limit_bytes: int = sys.maxsize) -> None:
@@ -94,6 +94,8 @@ class Listener:
         self._waiter: asyncio.Future[None] | None = None
         #: Why the listener was closed ("overflow", "shutdown"), or None while open.
         self.closed: str | None = None
+        #: It overflowed its bound in bytes, not in frames (the metrics' reason for the cut).
+        self.over_bytes = False
         #: The task writing this listener's frames; cancelled when the listener overflows.
         self.task: asyncio.Task[Any] | None = None
         #: Writes a batch straight to the client while its task waits in :meth:`take`, and
@@ -116,6 +118,7 @@ class Listener:
             if not self.batches and self.direct(batch):
                 return
         if self.pending >= self.limit or self.pending_bytes >= self.limit_bytes:
+            self.over_bytes = self.pending < self.limit
             self.close("overflow")
             if self.task is not None:
                 self.task.cancel()

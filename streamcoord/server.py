@@ -24,11 +24,14 @@ import uvicorn
 from redis.asyncio.cluster import RedisCluster
 
 from .connection import RedisFactory
+from .dashboard import Dashboard
 from .errors import ConfigurationError
 from .eventlog import EventLog
 from .gateway import ExtraRoutes, Gateway
 from .guard import guarded_protocol
 from .hub import Hub
+from .metrics import deliveries
+from .presence import GatewayPresence
 from .settings import Settings
 from .subscriber import ClusterConnector, Connector, PoolConnector
 
@@ -179,9 +182,13 @@ class _Server(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def gateway_parts(
-    settings: Settings, factory: RedisFactory | None = None, extra_routes: ExtraRoutes | None = None
+    settings: Settings, factory: RedisFactory | None = None, extra_routes: ExtraRoutes | None = None,
+    *, address: str = "", admin: str = "",
 ) -> AsyncIterator[Gateway]:
-    """A started gateway (hub running) and its Redis clients, closed on exit."""
+    """A started gateway (hub running) and its Redis clients, closed on exit. Its entry in the
+    registry of gateways (``sc:gateways``: :class:`~streamcoord.presence.GatewayPresence`) is
+    there from the start, kept current, and removed on exit; ``address`` and ``admin`` are
+    its listeners' URLs (:func:`describe`; "" when unknown, as inside another ASGI server)."""
     factory = factory or RedisFactory(settings)
     # History and catch-up reads and the rest share three connections, waiting for a free one
     # under load rather than opening more (or failing); live events come on the subscriber's
@@ -195,9 +202,18 @@ async def gateway_parts(
     )
     hub = Hub(connector, redis, settings)
     await hub.start()
+    events = EventLog(redis, settings)
+    presence = GatewayPresence(
+        redis, events.keys, hub.gateway_id, settings, address=address, admin=admin, stats=hub.stats,
+        counts=lambda: {
+            "listeners": hub.listener_count, "streams": hub.stream_count, "deliveries": deliveries(hub.stats),
+        },
+    )
     try:
-        yield Gateway(EventLog(redis, settings), hub, settings, extra_routes)
+        await presence.start()
+        yield Gateway(events, hub, settings, extra_routes)
     finally:
+        await presence.stop()
         await hub.stop()
         await factory.close()
         await subscriber.aclose()
@@ -285,7 +301,9 @@ async def serve(
         if admin_socket_path or admin_port is not None:
             admin_sock = _listen(sockets, admin_host, admin_port, admin_socket_path, "--admin-socket")
         logging.getLogger("uvicorn.error").addFilter(_IncompleteResponseFilter())
-        async with gateway_parts(settings, factory, extra_routes) as gateway:
+        address = describe(sock)
+        admin_address = describe(admin_sock) if admin_sock is not None else ""
+        async with gateway_parts(settings, factory, extra_routes, address=address, admin=admin_address) as gateway:
             # Limits on request heads and connections (streamcoord.guard), on the same
             # httptools parser uvicorn would pick.
             protocol = guarded_protocol(settings)
@@ -307,9 +325,12 @@ async def serve(
                     gateway.admin_asgi(), lifespan="off", access_log=False,
                     timeout_graceful_shutdown=1, log_level="info", http=protocol, ws="none",
                 ))
-                print(admin_announce.format(url=describe(admin_sock)), file=sys.stderr, flush=True)
+                print(admin_announce.format(url=admin_address), file=sys.stderr, flush=True)
             # A line tests and operators can wait for (last: both listeners are bound by then);
             # the port is the real one even for port 0.
-            print(announce.format(url=describe(sock)), file=sys.stderr, flush=True)
+            print(announce.format(url=address), file=sys.stderr, flush=True)
             async with _admin_listener(admin, admin_sock, server):
-                await server.serve(sockets=[sock])
+                try:
+                    await server.serve(sockets=[sock])
+                finally:
+                    Dashboard.close_for(gateway)  # open dashboards end now, not at the admin's timeout

@@ -71,7 +71,7 @@ class Settings:
     lazy_start: bool = True
     #: Tasks one worker process runs at once (``runworker --concurrency`` overrides it).
     worker_concurrency: int = 50
-    #: Seconds between a worker's heartbeats in Redis.
+    #: Seconds between a worker's or gateway's heartbeats in Redis (sc:workers, sc:gateways).
     worker_heartbeat_seconds: float = 5.0
     #: Send every exception's text in the ``error`` event. Off: a task's watchers read the text
     #: of a ``TaskFailure`` only, other failures say "the task failed" and their type (the text
