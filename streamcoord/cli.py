@@ -1,4 +1,9 @@
-"""``python -m streamcoord gateway``: a stateless SSE gateway (the core's command line)."""
+"""The core's command line, ``streamcoord`` (also ``python -m streamcoord``).
+
+``streamcoord gateway`` runs a stateless SSE gateway. The operator subcommands (``status``,
+``tasks``, ``show``, ``tail``, ``cancel``, ``retry``, ``top``) read and steer the whole system
+straight from Redis; they live in :mod:`streamcoord.ops.commands`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import sys
 from . import runtime
 from .access import require_secret
 from .errors import ConfigurationError, StreamcoordError
+from .ops import commands as operator_commands
 from .settings import Settings
 
 DEFAULT_SOCKET = "/tmp/django-stream.sock"
@@ -74,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bind_options(gateway, DEFAULT_SOCKET)
     add_admin_options(gateway)
+    operator_commands.add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "gateway":
+        return operator_commands.run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
