@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import time
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
@@ -44,10 +45,13 @@ from redis.exceptions import RedisError
 from django_app.models import StreamTask
 from streamcoord.errors import EventRejected, TaskFailure, WriterFenced
 from streamcoord.eventlog import EventLog, TaskWriter
+from streamcoord.ids import EventId
 from streamcoord.jobs import Job, JobQueue
+from streamcoord.keys import TaskRef
 from streamcoord.taskstate import State
 
 from . import outcomes
+from .metrics import WorkerMetrics
 from .outcomes import Outcome
 
 log = logging.getLogger(__name__)
@@ -100,11 +104,14 @@ class Run:
 class Executor:
     """Runs claimed jobs of one worker (each in its own asyncio task, see ``Worker``)."""
 
-    def __init__(self, worker_id: str, queue: JobQueue, events: EventLog, lease_ms: int) -> None:
+    def __init__(
+        self, worker_id: str, queue: JobQueue, events: EventLog, lease_ms: int, metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.queue = queue
         self.events = events
         self.lease_ms = lease_ms
+        self.metrics = metrics or WorkerMetrics()
 
     async def run(self, run: Run, attempt: int | None) -> None:
         """Begin the task (unless ``attempt`` says this worker took it over and began it
@@ -124,11 +131,19 @@ class Executor:
                     await self._not_begun(run)
                     return
             run.begun = True
+            began = time.perf_counter()
+            model = outcomes.model_label(run.job.ref)
+            self.metrics.tasks_started.labels(model).inc()
             log.info("task %s started (attempt %d)", label, attempt)
-            if await self._execute(run, attempt):
+            outcome = await self._execute(run, attempt)
+            if outcome is not None:
+                # Counted before the acknowledgement: the task has ended whether or not that
+                # succeeds (recovery acknowledges a job whose stream has its end).
+                self.metrics.run_ended(model, outcome.status, time.perf_counter() - began)
                 await self.queue.finish(run.job)
         except (RedisError, OSError) as exc:
             # The job stays pending: once its lease runs out, a worker takes it over.
+            self.metrics.redis_errors.inc()
             log.error("task %s: Redis failed under it (%s); leaving it to recovery", label, exc)
         except Exception:
             # Typically the database refused the outcome. The job stays pending: once the lease
@@ -182,18 +197,20 @@ class Executor:
         if record is not None and record.state == State.CANCELLING:
             if await outcomes.end_cancelling(self.events, run.job.ref):
                 log.info("task %s was cancelled before it began: ended it with cancelled", run.label)
+        elif record is not None and record.state == State.CANCELLED and await outcomes.record_cancelled_before_start(run.job.ref):
+            log.info("task %s was cancelled before it began: recorded its row cancelled", run.label)
         else:
             log.info("task %s is no longer queued; skipped", run.label)
         # A begin slower than a lease lets another worker take the entry over: never drop it
         # from under that worker.
         await self.queue.finish_if_ours(run.job, self.worker_id)
 
-    async def _execute(self, run: Run, attempt: int) -> bool:
-        """Run the task and write its end. True when this run ended it (its terminal event is
-        in the stream, under this run's token), so the job is this run's to acknowledge; False
-        when the task is another run's now, or was handed back."""
+    async def _execute(self, run: Run, attempt: int) -> Outcome | None:
+        """Run the task and write its end. The outcome when this run ended it (its terminal
+        event is in the stream, under this run's token), so the job is this run's to
+        acknowledge; None when the task is another run's now, or was handed back."""
         ref = run.job.ref
-        writer = self.events.writer(ref, run.token)
+        writer = TimedWriter(self.events.writer(ref, run.token), self.metrics)
         task: StreamTask | None = None
         limit: asyncio.Timeout | None = None
         try:
@@ -219,7 +236,7 @@ class Executor:
         except WriterFenced:
             run.ending = True
             log.warning("task %s: another worker owns it now; this run stops without a word", ref)
-            return False
+            return None
         except Exception as exc:
             run.ending = True
             if task is None:
@@ -239,28 +256,29 @@ class Executor:
             return await self._stopped_from_outside(run, writer, task)
         return await self._finish(writer, task, result)
 
-    async def _stopped_from_outside(self, run: Run, writer: TaskWriter, task: StreamTask | None) -> bool:
+    async def _stopped_from_outside(self, run: Run, writer: TimedWriter, task: StreamTask | None) -> Outcome | None:
         if writer.ended:  # process() had sent its own end: that is the outcome, the stop came late
             return await self._end(writer, task, Outcome.sent_by_the_task(writer.ended))
         if run.stop_reason == StopReason.CANCEL:
-            outcome = Outcome.cancelled()
-            if not await self._end(writer, task, outcome):
-                return False
+            outcome = await self._end(writer, task, Outcome.cancelled())
+            if outcome is None:
+                return None
             if task is None:  # cancelled before the row was loaded
                 await outcomes.record_by_ref(writer.ref, outcome)
             log.info("task %s cancelled", writer.ref)
-            return True
+            return outcome
         if run.stop_reason == StopReason.HAND_BACK:
             handed = await self.queue.hand_back(run.job, self.worker_id, run.token, self.lease_ms)
             log.info("task %s handed back to the other workers%s", writer.ref, "" if handed else " (already gone)")
         # LOST: another worker owns the task; it records the outcome, not us.
-        return False
+        return None
 
-    async def _finish(self, writer: TaskWriter, task: StreamTask, result: Any) -> bool:
+    async def _finish(self, writer: TimedWriter, task: StreamTask, result: Any) -> Outcome | None:
         """``process()`` returned ``result``: complete the run, unless the task ended it itself."""
         if writer.ended in ("error", "cancelled"):
-            await outcomes.record(task, Outcome.sent_by_the_task(writer.ended))
-            return True
+            outcome = Outcome.sent_by_the_task(writer.ended)
+            await outcomes.record(task, outcome)
+            return outcome
         outcome = Outcome.completed(result)
         try:
             if writer.ended:  # it sent its own complete: only the final value is left to keep
@@ -269,17 +287,17 @@ class Executor:
                 await _append_end(writer, outcome)
         except WriterFenced:
             log.warning("task %s: another worker owns it now; its outcome is theirs", writer.ref)
-            return False
+            return None
         except (EventRejected, TypeError, ValueError) as exc:
             return await self._fail(writer, task, exc, f"final value refused: {exc}")
         await outcomes.record(task, outcome)
         log.info("task %s completed", writer.ref)
-        return True
+        return outcome
 
     async def _fail(
-        self, writer: TaskWriter, task: StreamTask | None, exc: BaseException, message: str = "",
+        self, writer: TimedWriter, task: StreamTask | None, exc: BaseException, message: str = "",
         *, public: bool = True,
-    ) -> bool:
+    ) -> Outcome | None:
         """End the run with one ``error`` event (no traceback: that stays in this log). The
         ``message`` given here is ours; an exception's own text reaches the event only when
         ``public``."""
@@ -287,11 +305,11 @@ class Executor:
         outcome = Outcome.failed(type(exc).__name__, text, public=public or bool(message))
         return await self._end(writer, task, outcome)
 
-    async def _end(self, writer: TaskWriter, task: StreamTask | None, outcome: Outcome) -> bool:
+    async def _end(self, writer: TimedWriter, task: StreamTask | None, outcome: Outcome) -> Outcome | None:
         """Write the outcome's terminal event and record it on the row. When ``process()``
         sent its own terminal event, that one is the outcome (Redis ended the task with it) and
-        the row records it instead. False when another run owns the task: the outcome, the row
-        and the job are theirs."""
+        the row records it instead. Returns the outcome recorded; None when another run owns
+        the task: the outcome, the row and the job are theirs."""
         if writer.ended:
             outcome = Outcome.sent_by_the_task(writer.ended)
         else:
@@ -299,13 +317,39 @@ class Executor:
                 await _append_end(writer, outcome)
             except WriterFenced:
                 log.warning("task %s: another worker owns it now; its outcome is theirs", writer.ref)
-                return False
+                return None
         if task is not None:
             await outcomes.record(task, outcome)
-        return True
+        return outcome
 
 
-async def _append_end(writer: TaskWriter, outcome: Outcome) -> None:
+class TimedWriter:
+    """A run's :class:`TaskWriter`, timing each append into ``send_event_seconds``: the task's
+    ``send_event`` calls (it is the task's ``_stream_writer``) and the worker's own ``attempt``
+    and terminal events. Only appends that succeed are observed (a refused payload is no
+    latency), so the histogram counts the events a run wrote."""
+
+    def __init__(self, writer: TaskWriter, metrics: WorkerMetrics) -> None:
+        self.writer = writer
+        self._observe = metrics.send_event.observe
+
+    @property
+    def ref(self) -> TaskRef:
+        return self.writer.ref
+
+    @property
+    def ended(self) -> str:
+        """The terminal event type this run appended ('' while it goes on)."""
+        return self.writer.ended
+
+    async def append(self, event_type: str, payload: dict[str, Any], *, final_value: Any = None) -> EventId:
+        began = time.perf_counter()
+        event_id = await self.writer.append(event_type, payload, final_value=final_value)
+        self._observe(time.perf_counter() - began)
+        return event_id
+
+
+async def _append_end(writer: TimedWriter, outcome: Outcome) -> None:
     await writer.append(outcome.event_type, outcome.payload(), final_value=outcome.final_value)
 
 

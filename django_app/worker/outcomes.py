@@ -21,6 +21,8 @@ from streamcoord.eventlog import CANCELLED_BEFORE_START, EventLog
 from streamcoord.keys import TaskRef
 from streamcoord.taskstate import TERMINAL_EVENTS, State
 
+from .metrics import UNKNOWN_MODEL
+
 #: The terminal event that records each ended status.
 _EVENT_OF: dict[str, str] = {state.value: event for event, state in TERMINAL_EVENTS.items()}
 #: What a failure's ``error`` event says when its text is not for the task's watchers.
@@ -112,6 +114,19 @@ def task_model(ref: TaskRef) -> type[StreamTask] | None:
     return model if issubclass(model, StreamTask) else None
 
 
+def model_label(ref: TaskRef) -> str:
+    """The ``model`` label of the worker's metrics: ``app_label.Model``, or ``unknown`` for a
+    model this project lacks (a job's label is anyone's text; the label set stays bounded)."""
+    return ref.model_label if task_model(ref) is not None else UNKNOWN_MODEL
+
+
+def model_labels() -> list[str]:
+    """The ``model`` labels of every concrete ``StreamTask`` model of this project."""
+    return sorted(
+        model._meta.label for model in apps.get_models() if issubclass(model, StreamTask) and not model._meta.abstract
+    )
+
+
 def max_attempts(ref: TaskRef) -> int:
     """Runs the task's class allows (at least one; one for a model this project lacks)."""
     model = task_model(ref)
@@ -129,7 +144,23 @@ async def load_task(ref: TaskRef) -> StreamTask:
 
 
 async def record_running(task: StreamTask) -> None:
-    await type(task).objects.filter(pk=task.pk).aupdate(status=Status.RUNNING)
+    """The row of a run that began: running, an earlier run's end forgotten (a task retried
+    from outside Django, ``streamcoord retry``, still has its last outcome on the row)."""
+    await type(task).objects.filter(pk=task.pk).aupdate(
+        status=Status.RUNNING, error="", completed_at=None, final_value=None, updated_at=timezone.now()
+    )
+
+
+async def record_cancelled_before_start(ref: TaskRef) -> bool:
+    """A row still pending or queued whose task Redis ended cancelled before any worker began
+    it, by a cancel from outside Django (``streamcoord cancel``): recorded cancelled, as the
+    coordinator's cancel records it. True when a row was changed."""
+    model = task_model(ref)
+    if model is None:
+        return False
+    waiting = model.objects.filter(pk=ref.pk, status__in=(Status.PENDING, Status.QUEUED))
+    changed = await waiting.aupdate(status=Status.CANCELLED, error=CANCELLED_BEFORE_START, updated_at=timezone.now())
+    return bool(changed)
 
 
 async def record(task: StreamTask, outcome: Outcome) -> None:

@@ -35,6 +35,7 @@ from streamcoord.jobs import Job, JobQueue, Verdict
 from streamcoord.taskstate import State
 
 from . import outcomes
+from .metrics import WorkerMetrics
 from .outcomes import Outcome
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Recovery:
 
     def __init__(
         self, worker_id: str, queue: JobQueue, events: EventLog, lease_ms: int,
-        launch: Launch, runs_here: Callable[[str], bool],
+        launch: Launch, runs_here: Callable[[str], bool], metrics: WorkerMetrics | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.queue = queue
@@ -57,6 +58,7 @@ class Recovery:
         self.launch = launch
         #: True for a task (label) this worker runs now: one it handed back while it leaves.
         self.runs_here = runs_here
+        self.metrics = metrics or WorkerMetrics()
 
     async def recover_abandoned(self) -> None:
         """One round: take over every job idle for longer than a lease and act on its verdict."""
@@ -71,8 +73,10 @@ class Recovery:
         )
         log.info("recovered %s from a stopped worker: %s (attempt %d)", job.ref, verdict, attempt)
         owned = (Verdict.RERUN, Verdict.EXHAUSTED, Verdict.CANCEL)
-        if verdict in owned and await self._replay_recorded_outcome(job, token):
-            return
+        if verdict in owned:  # the lost worker's run is this worker's now
+            self.metrics.lease_takeovers.inc()
+            if await self._replay_recorded_outcome(job, token):
+                return
         if verdict == Verdict.RERUN:
             await self.launch(job, token, attempt)
         elif verdict == Verdict.EXHAUSTED:
@@ -106,6 +110,7 @@ class Recovery:
         if await self._end(job, token, outcome):
             await outcomes.record_by_ref(job.ref, outcome)
             await self.queue.dead_letter(job, attempt, "WorkerLost")
+            self.metrics.dead_letters.inc()
             await self.queue.finish(job)
 
     async def _cancel(self, job: Job, token: str) -> None:
@@ -126,4 +131,6 @@ class Recovery:
         except WriterFenced:
             log.warning("task %s: another worker took it over meanwhile; leaving it to that one", job.ref)
             return False
+        # The lost worker's run ended here: counted once, on this worker (the other never will).
+        self.metrics.tasks_ended.labels(outcomes.model_label(job.ref), outcome.status).inc()
         return True

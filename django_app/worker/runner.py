@@ -20,7 +20,8 @@ that keep it alive, and stopping. The parts live beside it:
 * ``recovery``: taking over abandoned jobs, replaying recorded outcomes, dead letters;
 * ``outcomes``: how a run ended, as a terminal event and as the task's row;
 * ``presence``: the heartbeat, the registry of workers, forgetting silent ones;
-* ``control``: cancel requests from other processes; ``periodic``: the loops' rhythm.
+* ``control``: cancel requests from other processes; ``periodic``: the loops' rhythm;
+* ``metrics``: what this worker did, for Prometheus (``runworker --metrics-port``).
 
 In Redis (``redis-cli``): ``HGETALL sc:workers`` lists workers and their heartbeats,
 ``SMEMBERS sc:worker:<id>:running`` what one runs now, ``XRANGE sc:dead - +`` the dead letters.
@@ -34,17 +35,22 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError, RedisError
 
 from streamcoord.backoff import Backoff
 from streamcoord.connection import RedisFactory
 from streamcoord.eventlog import EventLog
-from streamcoord.jobs import Job, JobQueue
+from streamcoord.jobs import GROUP, Job, JobQueue
+from streamcoord.keys import KeySpace
 from streamcoord.settings import Settings
 
+from . import outcomes
 from .control import ControlChannel
 from .execution import Executor, Run, StopReason
+from .metrics import WorkerMetrics
 from .periodic import every
 from .presence import Presence
 from .recovery import Recovery
@@ -58,9 +64,15 @@ class Worker:
     """One worker process: claims jobs while it has free slots, runs each in a task of its
     own, and keeps its leases, heartbeat, recovery rounds and control channel going."""
 
-    def __init__(self, settings: Settings, concurrency: int | None = None) -> None:
+    def __init__(self, settings: Settings, concurrency: int | None = None, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.concurrency = concurrency or settings.worker_concurrency
+        #: Only served metrics (``runworker --metrics-port`` passes them) get the queue lag: its
+        #: Redis commands are for their readers (and need XINFO, which a worker's ACL may lack).
+        self._measures_queue = metrics is not None
+        self._queue_refused = False
+        #: Counted whether or not anything serves them.
+        self.metrics = metrics = metrics or WorkerMetrics()
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self._factory = factory = RedisFactory(settings)
         self.redis = factory.client("worker", max_connections=8)
@@ -69,15 +81,18 @@ class Worker:
         self._control_redis = factory.client("worker-control", max_connections=1)
         self.events = EventLog(self.redis, settings)
         self.keys = self.events.keys
-        self.queue = JobQueue(self.redis, self.keys)
-        self._claimer = JobQueue(self._claim_redis, self.keys)
+        self.queue = CountedJobQueue(self.redis, self.keys, metrics)
+        self._claimer = CountedJobQueue(self._claim_redis, self.keys, metrics)
         #: The runs in progress, by task label (``app.Model:pk``).
         self.runs: dict[str, Run] = {}
         self.lease_ms = int(settings.lease_seconds * 1000)
-        self.executor = Executor(self.id, self.queue, self.events, self.lease_ms)
+        self.executor = Executor(self.id, self.queue, self.events, self.lease_ms, metrics)
         self.recovery = Recovery(
-            self.id, self.queue, self.events, self.lease_ms, self._launch, self.runs.__contains__
+            self.id, self.queue, self.events, self.lease_ms, self._launch, self.runs.__contains__, metrics
         )
+        metrics.concurrency.set(self.concurrency)
+        metrics.watch_running(self.runs.__len__)
+        metrics.declare_models(outcomes.model_labels())
         self.presence = Presence(
             self.redis, self.keys, self.id, self.concurrency, settings, running_count=self.runs.__len__
         )
@@ -99,14 +114,23 @@ class Worker:
         await self._factory.ready(self.redis, self._claim_redis, self._control_redis)
         await self.queue.ensure_group()
         await self.presence.heartbeat()
+        if self._measures_queue:
+            # At once, not a heartbeat later: claims' waits are measured on the Redis clock.
+            try:
+                await self._counting_redis_errors(self._measure_queue)()
+            except (RedisError, OSError) as exc:
+                log.warning("measuring the queue lag failed: %s", exc)
         heartbeat, renewal = self.settings.worker_heartbeat_seconds, self.settings.lease_seconds / 3
+        counted = self._counting_redis_errors
         loops = [
-            every(heartbeat, self.presence.heartbeat, "heartbeat"),
-            every(heartbeat, self.presence.forget_silent_workers, "forgetting silent workers"),
-            every(renewal, self._renew_leases, "renewing leases"),
-            every(min(renewal, 2.0), self._recover_abandoned, "recovering abandoned jobs"),
+            every(heartbeat, counted(self.presence.heartbeat), "heartbeat"),
+            every(heartbeat, counted(self.presence.forget_silent_workers), "forgetting silent workers"),
+            every(renewal, counted(self._renew_leases), "renewing leases"),
+            every(min(renewal, 2.0), counted(self._recover_abandoned), "recovering abandoned jobs"),
             self.control.listen_forever(),
         ]
+        if self._measures_queue:
+            loops.append(every(heartbeat, counted(self._measure_queue), "measuring the queue lag"))
         helpers = [asyncio.create_task(loop) for loop in loops]
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
         try:
@@ -171,11 +195,13 @@ class Worker:
             try:
                 jobs = claim.result()
             except (RedisError, OSError) as exc:
+                self.metrics.redis_errors.inc()
                 log.warning("claiming jobs failed (%s); retrying", exc)
                 await backoff.sleep()
                 continue
             backoff.reset()
             for job in jobs:
+                self.metrics.job_claimed(job.entry_id)
                 await self._launch(job, secrets.token_hex(8), None)
 
     async def _launch(self, job: Job, token: str, attempt: int | None) -> None:
@@ -224,6 +250,30 @@ class Worker:
             if runs[job].stop(StopReason.LOST):
                 log.warning("lost the lease on %s to another worker: stopping it", job.ref)
 
+    async def _measure_queue(self) -> None:
+        try:
+            await self.metrics.measure_queue(self.redis, self.keys.jobs(), GROUP)
+        except NoPermissionError as exc:
+            # A Redis user without XINFO (deploy/users.acl before metrics): the lag is unknown,
+            # not 0. Said once; later rounds try again quietly (the ACL may be fixed live).
+            self.metrics.queue_lag.set(float("nan"))
+            if not self._queue_refused:
+                log.warning("the queue lag metric is unavailable: Redis refused XINFO GROUPS (%s); "
+                            "allow +xinfo|groups on %s to the worker's Redis user", exc, self.keys.jobs())
+            self._queue_refused = True
+
+    def _counting_redis_errors(self, step: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """``step``, counting its Redis failures (``every`` logs them and tries again)."""
+
+        async def counted() -> None:
+            try:
+                await step()
+            except (RedisError, OSError):
+                self.metrics.redis_errors.inc()
+                raise
+
+        return counted
+
     async def _recover_abandoned(self) -> None:
         async with self._recovering:
             if not self._stopping.is_set():  # a leaving worker takes nothing over
@@ -234,3 +284,16 @@ class Worker:
         run = self.runs.get(label)
         if run is not None and run.stop(StopReason.CANCEL):
             log.info("cancelling task %s on request", run.job.ref)
+
+
+class CountedJobQueue(JobQueue):
+    """A :class:`JobQueue` that counts the malformed entries it drops into the dead letters
+    (claims and recovery rounds meet them inside ``JobQueue``, which has no hook for it)."""
+
+    def __init__(self, redis: Redis, keys: KeySpace, metrics: WorkerMetrics) -> None:
+        super().__init__(redis, keys)
+        self._metrics = metrics
+
+    async def _drop_malformed(self, entry_id: str, fields: dict[bytes, bytes], problem: str) -> None:
+        await super()._drop_malformed(entry_id, fields, problem)
+        self._metrics.dead_letters.inc()

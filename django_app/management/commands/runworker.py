@@ -14,6 +14,7 @@ from django.utils import autoreload
 from django_app import conf
 from django_app.checks import tokens_unused
 from django_app.worker.main import run_worker
+from django_app.worker.metrics import MetricsServer, WorkerMetrics
 from streamcoord import runtime
 
 #: The logger of the worker's lines: its start and stop, and each task's outcome.
@@ -26,7 +27,8 @@ class Command(BaseCommand):
     help = (
         "Run a worker: take StreamTasks from the Redis job queue and run them. It logs its start "
         "and each task's outcome (to stderr, when the project's LOGGING sends them nowhere). "
-        "--reload (development only) restarts it whenever a .py file under the project changes."
+        "--reload (development only) restarts it whenever a .py file under the project changes. "
+        "--metrics-port serves Prometheus metrics on GET /metrics."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -37,6 +39,14 @@ class Command(BaseCommand):
             "file under the project (settings.BASE_DIR, else the current directory) changes; "
             "tasks running then are stopped as on SIGINT (handed back to other workers)",
         )
+        parser.add_argument(
+            "--metrics-port", type=int, default=None,
+            help="serve this worker's Prometheus metrics on GET /metrics at this port (0: the kernel "
+            "picks; the log names the URL)",
+        )
+        parser.add_argument(
+            "--metrics-host", default=None, help="the metrics listener's address (default 127.0.0.1)",
+        )
 
     def check(self, *args: Any, **kwargs: Any) -> None:
         # A worker neither signs nor checks stream tokens: the missing secret's check
@@ -44,20 +54,42 @@ class Command(BaseCommand):
         with tokens_unused():
             super().check(*args, **kwargs)
 
-    def handle(self, *args: Any, concurrency: int | None, reload: bool, **options: Any) -> None:
+    def handle(
+        self, *args: Any, concurrency: int | None, reload: bool, metrics_port: int | None,
+        metrics_host: str | None, **options: Any,
+    ) -> None:
         settings = conf.get_settings()
         if not settings.redis_url:
             raise CommandError(
                 "no Redis: set STREAMCOORD_REDIS_URL, or start `manage.py runserver_stream` "
                 "(its embedded default runs a worker of its own)"
             )
+        if metrics_host is not None and metrics_port is None:
+            raise CommandError("--metrics-host needs --metrics-port")
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise CommandError(f"--metrics-port {metrics_port}: not a port (0-65535; 0 lets the kernel pick)")
         # The child --reload starts is marked, so that it never reloads in turn (an abbreviated
-        # option, --rel, would reach it unfiltered).
+        # option, --rel, would reach it unfiltered). It gets every other option, the metrics'
+        # too: the child serves them (each restart binds the port anew once the old child is gone).
         if reload and os.environ.get(RELOADED_CHILD) != "1":
             self._run_reloading(math.ceil(settings.shutdown_grace_seconds) + 5)
             return
         log_to_stderr_unless_configured()
-        runtime.run(run_worker(settings, concurrency))
+        if metrics_port is None:
+            runtime.run(run_worker(settings, concurrency))
+            return
+        metrics = WorkerMetrics()
+        host = metrics_host or "127.0.0.1"
+        try:
+            server = MetricsServer.start(metrics.registry, host, metrics_port)
+        except OSError as exc:
+            raise CommandError(f"cannot serve metrics on {host}:{metrics_port}: {exc}") from None
+        # Before the worker's start line: whoever waits for that line finds the URL already.
+        logging.getLogger(WORKER_LOGGER).info("metrics on %s", server.url)
+        try:
+            runtime.run(run_worker(settings, concurrency, metrics))
+        finally:
+            server.stop()
 
     def _run_reloading(self, stop_seconds: int) -> None:
         """This command again, without ``--reload``, in a child process that watchfiles restarts
