@@ -18,7 +18,9 @@
 - The compose file's own migrate, gateway and worker commands, with its environment and its
   Redis URLs (each role its user), run a task end to end against a redis-server started with
   deploy/redis.conf and users.acl, pass the compose healthchecks (Redis's and the gateway's),
-  and stop on SIGTERM within their stop_grace_period.
+  serve /metrics as the contract says (tests/test_deploy_metrics.py, which checks the
+  dashboard, the alert rules and the scraping in k8s/), and stop on SIGTERM within their
+  stop_grace_period.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis as SyncRedis
 
 from streamcoord.cli import build_parser
@@ -51,7 +54,9 @@ from streamcoord.client import iter_task_events
 from streamcoord.settings import Settings
 
 from .processes import REPO, wait_for
+from .test_deploy_metrics import METRICS
 from .test_redis_acl import USERS_ACL, acl_users, redis_url, redis_with_conf, write_acl
+from .topologies import free_port
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -617,21 +622,32 @@ def by_role(invocations: list[Invocation]) -> dict[str, set[tuple[str, ...]]]:
     return roles
 
 
+#: The listeners for Prometheus and operators (the admin listener, the worker's metrics): where
+#: a supervisor exposes them is its own choice (compose and Kubernetes, for a Prometheus on their
+#: network; systemd, by a drop-in: deploy/README.md, "Metrics and alerts").
+MONITORING_OPTIONS = ("--admin-port", "--admin-host", "--admin-socket", "--metrics-port", "--metrics-host")
+
+
 def unbound(commands: set[tuple[str, ...]]) -> set[tuple[str, ...]]:
-    """Commands without their python path and the values of --host, --port and --socket."""
+    """Commands without their python path, the values of --host, --port and --socket, and
+    the monitoring listeners' options."""
     result = set()
     for argv in commands:
         words = list(argv[1:])
         for name in ("--host", "--port", "--socket"):
             if name in words:
                 words[words.index(name) + 1] = "*"
+        for name in MONITORING_OPTIONS:
+            if name in words:
+                del words[words.index(name):words.index(name) + 2]
         result.add(tuple(words))
     return result
 
 
 def test_the_same_commands_everywhere() -> None:
     """compose and Kubernetes run the very same argv for each role; the systemd units and the
-    Dockerfile's CMD the same commands and options (only where they listen differs)."""
+    Dockerfile's CMD the same commands and options (only where they listen differs, and
+    whether they serve metrics)."""
     compose, k8s = by_role(compose_invocations()), by_role(k8s_invocations())
     assert compose == k8s, f"compose: {compose}\nk8s: {k8s}"
     systemd = by_role(systemd_invocations())
@@ -649,6 +665,7 @@ def test_kubernetes_objects_refer_to_each_other() -> None:
     for path, doc in docs:
         assert "namespace" not in doc["metadata"], f"k8s/{path.name}: manifests name no namespace"
     workloads = {doc["metadata"]["name"]: doc for _, doc in docs if pod_spec(doc) is not None}
+    redis_policies = 0
     for where, _doc, spec, container in k8s_containers():
         for source in container.get("envFrom", []):
             for kind, ref in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
@@ -676,8 +693,10 @@ def test_kubernetes_objects_refer_to_each_other() -> None:
                 for container in pod_spec(workloads[target["name"]])["containers"]:
                     if "cpu" not in container.get("resources", {}).get("requests", {}):
                         problems.append(f"k8s/{path.name} HPA/{name}: container {container['name']} requests no CPU")
-        if kind == "NetworkPolicy":
-            # Some rule admits every workload of these manifests to Redis's port.
+        if kind == "NetworkPolicy" and doc["spec"]["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": "redis"}:
+            redis_policies += 1
+            # Some rule admits every workload of these manifests to Redis's port. (The other
+            # policies, on the metrics ports: tests/test_deploy_metrics.py.)
             admitted_to_redis: set[str] = set()
             for rule in doc["spec"].get("ingress", []):
                 if 6379 not in {port.get("port") for port in rule.get("ports", [])}:
@@ -693,6 +712,7 @@ def test_kubernetes_objects_refer_to_each_other() -> None:
             selector = doc["spec"]["selector"]["matchLabels"]
             if not any(selector.items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads.values()):
                 problems.append(f"k8s/{path.name} PDB/{name}: its selector matches no pods")
+    assert redis_policies == 1, "one NetworkPolicy guards Redis (podSelector app.kubernetes.io/name: redis)"
     kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
     manifests = {p.name for p in k8s_files()} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == manifests, "kustomization.yaml must list every manifest"
@@ -884,14 +904,52 @@ def on_socket(url: str, sock: Path) -> str:
     return f"{redis_url(sock, parts.username, parts.password)}?db={parts.path.strip('/') or 0}"
 
 
+def scrape(url: str, kind: str) -> dict[str, float]:
+    """GET ``url`` (a gateway's or worker's /metrics), check it against the contract
+    (tests/test_deploy_metrics.py METRICS: every metric of this role, of its type, with its
+    labels, and no other streamcoord metric), and return each metric's sum over its samples,
+    also per ``outcome`` (``name{outcome="completed"}``)."""
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    expected = {name.removesuffix("_total") if m.kind == "counter" else name: (name, m) for name, m in METRICS.items() if m.role == kind}
+    # prometheus_client's text format gives each counter and histogram a ``<name>_created``
+    # gauge too (its creation time): part of the metric, not another one.
+    created = {f"{family}_created" for family, (_, metric) in expected.items() if metric.kind != "gauge"}
+    problems = [
+        f"{kind} /metrics: {name} is not in the contract" for name in sorted(set(families) - set(expected) - created)
+        if name.startswith("streamcoord_")
+    ]
+    values: dict[str, float] = {}
+    for family_name, (name, metric) in expected.items():
+        family = families.get(family_name)
+        if family is None:
+            problems.append(f"{kind} /metrics: no {name}")
+            continue
+        if family.type != metric.kind:
+            problems.append(f"{kind} /metrics: {name} is a {family.type}, the contract says {metric.kind}")
+        for sample in family.samples:
+            if extra := set(sample.labels) - set(metric.labels) - {"le"}:
+                problems.append(f"{kind} /metrics: {sample.name} has labels {sorted(extra)} the contract does not")
+            if sample.name == name:
+                values[name] = values.get(name, 0.0) + sample.value
+                if "outcome" in sample.labels:
+                    key = f'{name}{{outcome="{sample.labels["outcome"]}"}}'
+                    values[key] = values.get(key, 0.0) + sample.value
+    assert not problems, "\n".join(problems)
+    return values
+
+
 @pytest.mark.system
 def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
     """redis-server with deploy/redis.conf and users.acl (passwords set; only where it listens,
     writes and finds the ACL changed), then compose's Redis healthcheck and the compose file's
     migrate, gateway (on a port the kernel picks) and worker commands with the compose
     environment, each with its compose URL (moved to the socket): a task runs, a client gets
-    its events through the gateway, the gateway's healthcheck command passes, and both stop on
-    SIGTERM within their stop_grace_period."""
+    its events through the gateway, the gateway's healthcheck command passes, both serve
+    /metrics (their admin and metrics listeners moved to the loopback) with every metric of
+    the contract and counters that saw the task, and both stop on SIGTERM within their
+    stop_grace_period."""
     aclfile, passwords = write_acl(tmp_path)
     variables = {password_variable(user): password for user, password in passwords.items()}
     variables["STREAMCOORD_SECRET"] = secrets.token_hex(32)
@@ -934,6 +992,13 @@ def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
         gateway[gateway.index("--host") + 1] = "127.0.0.1"
         gateway[gateway.index("--port") + 1] = "0"
         _, worker_service, worker, worker_env = service("worker")
+        # The listeners Prometheus scrapes, moved to this machine's loopback.
+        assert {"--admin-port", "--admin-host"} <= set(gateway), f"compose's gateway serves no /metrics: {gateway}"
+        assert {"--metrics-port", "--metrics-host"} <= set(worker), f"compose's worker serves no /metrics: {worker}"
+        gateway[gateway.index("--admin-host") + 1] = "127.0.0.1"
+        gateway[gateway.index("--admin-port") + 1] = "0"
+        worker[worker.index("--metrics-host") + 1] = "127.0.0.1"
+        worker[worker.index("--metrics-port") + 1] = str(worker_metrics_port := free_port())
         with (
             started(gateway, gateway_env, tmp_path / "gateway.log", r"listening on http://\S+") as gw,
             started(worker, worker_env, tmp_path / "worker.log", "started") as wk,
@@ -962,6 +1027,18 @@ def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
             types = [event.event for event in events]
             assert types[0] == "start" and types[-1] == "complete" and types.count("progress") == 3, types
 
+            # /metrics of both, held to the contract, counting what happened.
+            admin = re.search(r"streamcoord admin on (http://\S+)", (tmp_path / "gateway.log").read_text())
+            assert admin, "the gateway announced no admin listener"
+            gateway_values = scrape(f"{admin[1].rstrip('/')}/metrics", "gateway")
+            assert gateway_values["streamcoord_gateway_connections_total"] >= 1, gateway_values
+            assert gateway_values["streamcoord_gateway_deliveries_total"] >= len(types), gateway_values
+            assert gateway_values["streamcoord_gateway_reader_up"] == 1, gateway_values
+            worker_values = scrape(f"http://127.0.0.1:{worker_metrics_port}/metrics", "worker")
+            assert worker_values["streamcoord_worker_tasks_started_total"] >= 1, worker_values
+            assert worker_values['streamcoord_worker_tasks_ended_total{outcome="completed"}'] >= 1, worker_values
+            assert worker_values["streamcoord_worker_concurrency"] == float(option(worker, "--concurrency") or 0), worker_values
+
             for process, svc, name in ((wk, worker_service, "worker"), (gw, gateway_service, "gateway")):
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -970,4 +1047,4 @@ def test_compose_commands_run_against_redis_conf(tmp_path: Path) -> None:
                     pytest.fail(f"the {name} did not stop within its stop_grace_period after SIGTERM")
                 assert code == 0, f"the {name} exited with {code} on SIGTERM"
         with SyncRedis.from_url(redis_url(sock, "admin", passwords["admin"]), decode_responses=True) as admin:
-            assert admin.acl_log() == [], "Redis refused a compose role a command"
+            assert admin.acl_log() == [], f"Redis refused a compose role a command: {admin.acl_log()}"
