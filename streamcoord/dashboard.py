@@ -44,6 +44,7 @@ from redis.exceptions import RedisError
 
 from . import sse
 from .errors import InvalidTaskRef
+from .hosts import is_loopback_client
 from .keys import KeySpace, TaskRef
 from .ops.status import collect_status
 from .settings import Settings
@@ -239,7 +240,10 @@ class Snapshots:
             if sent is None or differs(sent, message, now - sent_at):
                 sent, sent_at = message, now
                 self._publish(encode_snapshot(message))
-            await self._tick(max(0.0, self.interval - (self._clock() - began)))
+            # At least three times the round's own length between rounds: a status that takes
+            # long to read (many retained tasks) never takes more than a quarter of the loop.
+            took = self._clock() - began
+            await self._tick(max(self.interval - took, 3 * took))
 
     async def _collect_safely(self) -> dict[str, Any]:
         """A snapshot, or what keeps the pages from one (they keep showing the last)."""
@@ -440,6 +444,15 @@ class Dashboard:
             return _text(400, str(exc))
         path = f"/stream/{ref.app_label}/{ref.model}/{quote(ref.pk)}"
         if not self.settings.public_streams:
+            if not is_loopback_client(request.scope.get("client")):
+                # Tokens only for operators on this machine (a tunnel, a unix socket): a
+                # listener opened to a monitoring network for /metrics mints nothing there.
+                return _text(200, (
+                    f"The events of {ref} are at {path} on the gateways, with a stream token: "
+                    "this listener mints one only for a client on this machine (open the "
+                    "dashboard through kubectl port-forward or ssh -L), or make one with "
+                    "manage.py create_task's stream_url or coordinator.stream_token.\n"
+                ))
             token = mint(self.settings.secret, [ref], expires_in=LINK_TOKEN_SECONDS, subject=LINK_SUBJECT)
             path += f"?token={token}"
         base = self.public_base(request.headers.get("host", ""))

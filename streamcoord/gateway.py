@@ -47,6 +47,7 @@ from .direct import DirectWriter
 from .errors import InvalidEventId, InvalidTaskRef, UnknownTask
 from .eventlog import EventLog
 from .feed import Feed
+from .hosts import is_ip_or_localhost, rebinding_guard_applies
 from .hub import Hub
 from .ids import EventId, parse_event_id
 from .jobs import START_GRACE_MS, JobQueue
@@ -233,6 +234,10 @@ class Gateway:
 
     async def handle_admin(self, request: HttpRequest) -> Response | None:
         decode_leniently(request)
+        guarded = rebinding_guard_applies(request.scope.get("server"))
+        if guarded and not is_ip_or_localhost(request.headers.get("host", "")):
+            # A DNS-rebinding guard (streamcoord.hosts): never a browser page's own name.
+            return text(421, "the admin listener answers requests addressed to an IP address or localhost only")
         if Dashboard.serves(request.path):  # GET /, /dashboard/... (streamcoord.dashboard)
             return await Dashboard.of(self).handle(request)
         if request.path not in ("/stats", "/health", "/metrics"):

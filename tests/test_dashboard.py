@@ -173,13 +173,18 @@ async def test_the_loop_keeps_time_a_round_a_second(loop_parts: Any) -> None:
     snapshots.subscribe()
     assert await clock.sleeping() == 1.0  # the collection took no time on this clock
 
+    took = 0.2
+
     async def slow_collect() -> dict[str, Any]:
-        clock.now += 0.3
+        clock.now += took
         return {"n": 1}
 
     snapshots._collect = slow_collect
     clock.wake()
-    assert await clock.sleeping() == pytest.approx(0.7)
+    assert await clock.sleeping() == pytest.approx(0.8)  # a round a second
+    took = 0.5  # a long round: three times its length before the next (a quarter of the time)
+    clock.wake()
+    assert await clock.sleeping() == pytest.approx(1.5)
 
 
 async def test_a_collection_that_fails_is_shown_and_the_loop_goes_on(loop_parts: Any) -> None:
@@ -366,3 +371,22 @@ async def test_closing_ends_every_page_at_once_and_later_ones_too(loop_parts: An
     late = snapshots.subscribe()
     assert late.ended and await asyncio.wait_for(late.next(WAIT), 1) is None
     assert not snapshots.running
+
+
+async def test_the_admin_listener_refuses_a_name_and_mints_only_for_local_clients() -> None:
+    """DNS rebinding: a page's own name in Host gets 421 on every admin route; a token is
+    minted only for a client on this machine (a tunnel, a unix socket)."""
+    from streamcoord.hosts import is_ip_or_localhost, is_loopback_client
+
+    assert all(is_ip_or_localhost(h) for h in ("127.0.0.1:9001", "[::1]:9001", "10.2.3.4", "localhost:9001", "a.localhost", ""))
+    assert not any(is_ip_or_localhost(h) for h in ("evil.example", "evil.example:9001", "127.0.0.1.evil.example"))
+    assert is_loopback_client(("127.0.0.1", 5000)) and is_loopback_client(None) and is_loopback_client(("", 0))
+    assert not is_loopback_client(("10.2.3.4", 5000))
+    board = dashboard(Settings(stream_auth="token", secret=SECRET, gateway_url="https://streams.example/"))
+    remote = httpx.ASGITransport(app=asgineer.to_asgi(board.handle), client=("10.2.3.4", 40000))
+    async with httpx.AsyncClient(transport=remote, base_url="http://10.0.0.9:9001") as http:
+        answer = await http.get("/dashboard/link/examples/ProgressTask/7")
+    assert answer.status_code == 200 and "token=" not in answer.text and "port-forward" in answer.text
+    from streamcoord.hosts import rebinding_guard_applies
+
+    assert rebinding_guard_applies(("127.0.0.1", 9001)) and not rebinding_guard_applies(("/run/sc/gw.admin.sock", None))

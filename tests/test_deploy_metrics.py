@@ -74,6 +74,7 @@ METRICS: dict[str, Metric] = {
     "streamcoord_worker_send_event_seconds": Metric("worker", "histogram"),
     "streamcoord_worker_lease_takeovers_total": Metric("worker", "counter"),
     "streamcoord_worker_dead_letters_total": Metric("worker", "counter"),
+    "streamcoord_worker_dead_letter_entries": Metric("worker", "gauge"),
     "streamcoord_worker_running_tasks": Metric("worker", "gauge"),
     "streamcoord_worker_concurrency": Metric("worker", "gauge"),
     "streamcoord_worker_redis_errors_total": Metric("worker", "counter"),
@@ -392,13 +393,36 @@ ALERT_CASES: list[tuple[str, dict[str, str], list[tuple[str, str, list[dict[str,
         ("StreamcoordNoLiveWorker", "6m", []),
         ("StreamcoordNoLiveWorker", "8m", [{"severity": "critical"}]),
     ]),
+    # The dead letters' count is a Redis fact (XLEN sc:dead): every worker reports the same.
     ("a dead letter, then none for 15 minutes", {
-        f"streamcoord_worker_dead_letters_total{{{W1}}}": "0+0x10 1+0x25",
-        f"streamcoord_worker_dead_letters_total{{{W2}}}": "0+0x35",
+        f"streamcoord_worker_dead_letter_entries{{{W1}}}": "0+0x20 1+0x25",
+        f"streamcoord_worker_dead_letter_entries{{{W2}}}": "0+0x20 1+0x25",
     }, [
-        ("StreamcoordDeadLetters", "10m", []),
-        ("StreamcoordDeadLetters", "12m", [{"severity": "warning"}]),
-        ("StreamcoordDeadLetters", "30m", []),
+        ("StreamcoordDeadLetters", "20m", []),
+        ("StreamcoordDeadLetters", "21m", [{"severity": "warning"}]),
+        ("StreamcoordDeadLetters", "35m", [{"severity": "warning"}]),
+        ("StreamcoordDeadLetters", "36m", []),
+    ]),
+    # The case a per-process counter misses: the only worker is lost (its last run used up its
+    # attempts); its successor, a new target, lists the task in its first recovery round,
+    # before Prometheus first scrapes it: its series begins at 1.
+    ("a restarted worker's series begins with its predecessor's dead letter", {
+        f"streamcoord_worker_dead_letter_entries{{{W1}}}": "0+0x20 stale",
+        f"streamcoord_worker_dead_letter_entries{{{W2}}}": "_x21 1+0x25",
+    }, [
+        ("StreamcoordDeadLetters", "20m", []),
+        ("StreamcoordDeadLetters", "22m", [{"severity": "warning"}]),
+        ("StreamcoordDeadLetters", "35m", [{"severity": "warning"}]),
+        ("StreamcoordDeadLetters", "36m", []),
+    ]),
+    ("old dead letters, none new; a worker starts and measures late", {
+        f"streamcoord_worker_dead_letter_entries{{{W1}}}": "3+0x40",
+        f"streamcoord_worker_dead_letter_entries{{{W2}}}": "_x20 NaN 3+0x19",
+    }, [
+        ("StreamcoordDeadLetters", "0m", []),
+        ("StreamcoordDeadLetters", "14m", []),
+        ("StreamcoordDeadLetters", "20m", []),
+        ("StreamcoordDeadLetters", "40m", []),
     ]),
     ("a worker's Redis errors go on", {
         f"streamcoord_worker_redis_errors_total{{{W1}}}": "0+3x20",

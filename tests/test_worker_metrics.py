@@ -4,7 +4,8 @@ The system tests run real ``manage.py runworker --metrics-port 0`` processes of 
 project on the real redis-server, read the URL the worker logs, and parse ``GET /metrics`` with
 prometheus_client's own parser: tasks that complete, fail and are cancelled; a malformed queue
 entry (a dead letter); jobs that wait behind a busy worker (the queue lag); and runs taken over
-from a SIGKILLed worker, one re-run and one given up (a dead letter).
+from a SIGKILLed worker, one re-run and one given up (a dead letter). The dead letters' gauge is
+``XLEN sc:dead`` each time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ FAMILIES = {
     "streamcoord_worker_send_event_seconds": "histogram",
     "streamcoord_worker_lease_takeovers": "counter",
     "streamcoord_worker_dead_letters": "counter",
+    "streamcoord_worker_dead_letter_entries": "gauge",
     "streamcoord_worker_running_tasks": "gauge",
     "streamcoord_worker_concurrency": "gauge",
     "streamcoord_worker_redis_errors": "counter",
@@ -129,6 +131,8 @@ async def test_the_server_serves_every_family_of_the_contract_on_a_kernel_picked
     for outcome in ("completed", "failed", "cancelled"):
         assert page.value("streamcoord_worker_tasks_ended_total", model=PROGRESS, outcome=outcome) == 0
     assert page.value("streamcoord_worker_task_duration_seconds_count", model=PROGRESS) == 0
+    # Unknown until measured: a 0 first would read as dead letters growing at the first look.
+    assert math.isnan(page.value("streamcoord_worker_dead_letter_entries"))
     assert server.httpd.socket.fileno() == -1  # stopped: the socket is closed
 
 
@@ -153,6 +157,8 @@ async def test_counters_and_histograms_match_what_the_worker_did(project: Projec
     assert page.value("streamcoord_worker_concurrency") == 1
     assert page.value("streamcoord_worker_running_tasks") == 0
     assert page.value("streamcoord_worker_queue_lag_seconds") == 0
+    # Measured before the start line, as the lag is.
+    assert page.value("streamcoord_worker_dead_letter_entries") == 0 == await redis.xlen(KEYS.dead_letters())
     assert page.nonzero("streamcoord_worker_tasks_started_total") == {}
 
     [long] = create_tasks(project, "ProgressTask", 1, steps=600, delay=0.1)
@@ -167,6 +173,8 @@ async def test_counters_and_histograms_match_what_the_worker_did(project: Projec
     project.manage("cancel_task", "ProgressTask", long.pk)
     await until(lambda: _ended_total(url, 6), 60, "six runs to end")
     await until(lambda: _settled(url), 30, "no run left and no job waiting")
+    # The malformed entry went to sc:dead when it was claimed; the next look counts it.
+    await until(lambda: _dead_letter_entries(url, redis, 1), 10, "the gauge to count the dead letter")
 
     page = await scrape(url)
     assert page.nonzero("streamcoord_worker_tasks_started_total") == {(("model", PROGRESS),): 6}
@@ -210,6 +218,7 @@ async def test_a_worker_counts_the_runs_it_took_over_from_a_killed_one(project: 
     second, url = start_worker(project, "b", 4, worker_heartbeat_seconds=1, **lease)
     await until(lambda: _ended_total(url, 2), 60, "b to end both tasks")
     await until(lambda: _settled(url), 30, "no run left on b")
+    await until(lambda: _dead_letter_entries(url, redis, 1), 10, "the gauge to count the given-up task")
 
     page = await scrape(url)
     assert page.value("streamcoord_worker_lease_takeovers_total") == 2
@@ -233,12 +242,14 @@ async def test_a_worker_counts_the_runs_it_took_over_from_a_killed_one(project: 
 
 @pytest.mark.system
 @pytest.mark.timeout(90)
-async def test_a_redis_user_without_xinfo_leaves_the_lag_unknown_and_said_once(
+async def test_a_redis_user_without_xinfo_or_xlen_leaves_those_metrics_unknown_and_said_once(
     project: Project, redis: Redis, redis_server: RedisServer
 ) -> None:
     """deploy/users.acl's worker may lack XINFO: the lag is NaN (unknown, not 0), the warning
-    comes once though every round tries again, and everything else is counted as usual. A
-    worker whose metrics nobody serves never asks (its user, started first, is never refused)."""
+    comes once though every round tries again, and everything else is counted as usual (the
+    dead letters' count too, a command of its own). Refused XLEN as well (the ACL changed
+    live), that count is NaN, said once too. A worker whose metrics nobody serves never asks
+    (its user, started first, is never refused)."""
     password = secrets.token_hex(16)
     urls = {}
     for user in ("plain-no-xinfo", "metrics-no-xinfo"):
@@ -259,10 +270,17 @@ async def test_a_redis_user_without_xinfo_leaves_the_lag_unknown_and_said_once(
         await until(lambda: _ended_total(url, 1), 30, "the task to end")
         page = await scrape(url)
         assert math.isnan(page.value("streamcoord_worker_queue_lag_seconds"))
+        assert page.value("streamcoord_worker_dead_letter_entries") == 0 == await redis.xlen(KEYS.dead_letters())
         assert page.value("streamcoord_worker_redis_errors_total") == 0  # a permission is no outage
         assert page.value("streamcoord_worker_tasks_ended_total", model=PROGRESS, outcome="completed") == 1
+        await redis.execute_command("ACL", "SETUSER", "metrics-no-xinfo", "-xlen")
+        await until(lambda: _refusals(redis, "metrics-no-xinfo", 3, command="xlen"), 30, "three rounds refused XLEN")
+        page = await scrape(url)
+        assert math.isnan(page.value("streamcoord_worker_dead_letter_entries"))
+        assert page.value("streamcoord_worker_redis_errors_total") == 0
         assert stop_process(worker.process) == 0, worker.log_text()
         assert worker.log_text().count("the queue lag metric is unavailable") == 1, worker.log_text()
+        assert worker.log_text().count("the dead letters gauge is unavailable") == 1, worker.log_text()
     finally:
         for user in urls:
             await redis.execute_command("ACL", "DELUSER", user)
@@ -311,11 +329,11 @@ async def _running(redis: Redis, ref: TaskRef) -> bool:
     return (await state(redis, ref)).get("state") == "running"
 
 
-async def _refusals(redis: Redis, user: str, count: int, *, exactly: bool = False) -> bool:
-    """Redis refused ``user`` XINFO GROUPS at least (or ``exactly``) ``count`` times (ACL LOG)."""
+async def _refusals(redis: Redis, user: str, count: int, *, exactly: bool = False, command: str = "xinfo|groups") -> bool:
+    """Redis refused ``user`` ``command`` at least (or ``exactly``) ``count`` times (ACL LOG)."""
     raw: Any = await redis.execute_command("ACL", "LOG")
     entries = [{_text(key): _text(value) for key, value in entry.items()} for entry in raw]
-    refused = sum(int(e["count"]) for e in entries if e.get("username") == user and e.get("object") == "xinfo|groups")
+    refused = sum(int(e["count"]) for e in entries if e.get("username") == user and e.get("object") == command)
     return refused == count if exactly else refused >= count
 
 
@@ -331,6 +349,14 @@ async def _ended_total(url: str, count: int) -> bool:
     ended = (await scrape(url)).total("streamcoord_worker_tasks_ended_total")
     assert ended <= count, f"{ended} runs ended, more than the {count} expected"
     return ended == count
+
+
+async def _dead_letter_entries(url: str, redis: Redis, count: int) -> bool:
+    """The dead letters' gauge shows ``count``, and so does ``XLEN sc:dead``."""
+    gauge = (await scrape(url)).value("streamcoord_worker_dead_letter_entries")
+    length = await redis.xlen(KEYS.dead_letters())
+    assert length <= count and gauge <= count, f"gauge {gauge}, XLEN {length}: more than the {count} expected"
+    return gauge == length == count
 
 
 async def _settled(url: str) -> bool:

@@ -21,6 +21,12 @@ worker lacks): a bounded set. Task ids never become labels.
 - ``streamcoord_worker_lease_takeovers_total``: runs taken over from a worker whose lease ran out
   (it died, paused, or handed them back on shutdown);
 - ``streamcoord_worker_dead_letters_total``: entries this worker listed in ``sc:dead``;
+- ``streamcoord_worker_dead_letter_entries``: the entries in ``sc:dead`` now (``XLEN``), a
+  Redis fact every measuring worker reports alike (NaN: not measured yet, or Redis refused
+  XLEN), looked at with the queue lag. The dead-letters alert reads it, not the counter above:
+  a restarted worker lists its predecessor's tasks before its first scrape, so its counter's
+  series begins at 1 and ``increase()`` sees nothing. (Its name is not
+  ``streamcoord_worker_dead_letters``: that is the counter's family);
 - ``streamcoord_worker_running_tasks``, ``streamcoord_worker_concurrency``: runs here now, and
   at most;
 - ``streamcoord_worker_redis_errors_total``: Redis failures the claims, runs and periodic rounds
@@ -95,6 +101,13 @@ class WorkerMetrics:
         self.dead_letters = Counter(
             "streamcoord_worker_dead_letters", "Entries this worker listed in the dead letters.", registry=registry,
         )
+        self.dead_letter_entries = Gauge(
+            "streamcoord_worker_dead_letter_entries",
+            "Entries in the dead-letter stream (XLEN), as of this worker's last look (NaN: unknown).",
+            registry=registry,
+        )
+        # Unknown until measured: a 0 before the first look would read as dead letters growing.
+        self.dead_letter_entries.set(float("nan"))
         self.running_tasks = Gauge(
             "streamcoord_worker_running_tasks", "Runs in progress on this worker.", registry=registry,
         )
@@ -142,6 +155,10 @@ class WorkerMetrics:
         oldest = await oldest_undelivered_ms(redis, jobs_key, group)
         now_ms = time.time() * 1000 + self.clock_offset_ms
         self.queue_lag.set(0.0 if oldest is None else max(0.0, now_ms - oldest) / 1000)
+
+    async def measure_dead_letters(self, redis: Redis, dead_key: str) -> None:
+        """Refresh the dead letters' count: one ``XLEN`` (0 when the stream does not exist)."""
+        self.dead_letter_entries.set(await redis.xlen(dead_key))
 
 
 async def oldest_undelivered_ms(redis: Redis, jobs_key: str, group: str) -> int | None:

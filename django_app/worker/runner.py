@@ -67,10 +67,12 @@ class Worker:
     def __init__(self, settings: Settings, concurrency: int | None = None, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.concurrency = concurrency or settings.worker_concurrency
-        #: Only served metrics (``runworker --metrics-port`` passes them) get the queue lag: its
-        #: Redis commands are for their readers (and need XINFO, which a worker's ACL may lack).
+        #: Only served metrics (``runworker --metrics-port`` passes them) get the queue lag and
+        #: the dead letters' count: their Redis commands are for their readers (and need XINFO
+        #: and XLEN, which a worker's ACL may lack).
         self._measures_queue = metrics is not None
-        self._queue_refused = False
+        #: The measurements Redis refused (each said once).
+        self._refused: set[str] = set()
         #: Counted whether or not anything serves them.
         self.metrics = metrics = metrics or WorkerMetrics()
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -251,16 +253,25 @@ class Worker:
                 log.warning("lost the lease on %s to another worker: stopping it", job.ref)
 
     async def _measure_queue(self) -> None:
+        """The queue lag, then the dead letters' count. A Redis user refused one of them
+        (deploy/users.acl before metrics) leaves that one unknown (NaN, not 0), said once;
+        later rounds try again quietly (the ACL may be fixed live)."""
         try:
             await self.metrics.measure_queue(self.redis, self.keys.jobs(), GROUP)
         except NoPermissionError as exc:
-            # A Redis user without XINFO (deploy/users.acl before metrics): the lag is unknown,
-            # not 0. Said once; later rounds try again quietly (the ACL may be fixed live).
             self.metrics.queue_lag.set(float("nan"))
-            if not self._queue_refused:
-                log.warning("the queue lag metric is unavailable: Redis refused XINFO GROUPS (%s); "
-                            "allow +xinfo|groups on %s to the worker's Redis user", exc, self.keys.jobs())
-            self._queue_refused = True
+            self._say_refused("the queue lag metric", "XINFO GROUPS", "+xinfo|groups", self.keys.jobs(), exc)
+        try:
+            await self.metrics.measure_dead_letters(self.redis, self.keys.dead_letters())
+        except NoPermissionError as exc:
+            self.metrics.dead_letter_entries.set(float("nan"))
+            self._say_refused("the dead letters gauge", "XLEN", "+xlen", self.keys.dead_letters(), exc)
+
+    def _say_refused(self, what: str, command: str, rule: str, key: str, exc: NoPermissionError) -> None:
+        if what not in self._refused:
+            log.warning("%s is unavailable: Redis refused %s (%s); allow %s on %s to the worker's Redis user",
+                        what, command, exc, rule, key)
+        self._refused.add(what)
 
     def _counting_redis_errors(self, step: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """``step``, counting its Redis failures (``every`` logs them and tries again)."""
