@@ -381,6 +381,8 @@ class Gateway:
             self.hub.stats["client_left"] += 1
             return
         if not pump.cancelled() and pump.exception() is not None:
+            if isinstance(pump.exception(), RedisError | OSError):  # a history page's read
+                self.hub.stats["request_redis_errors"] += 1
             log.warning("stream of %s ended by an error: %s", feed.ref, pump.exception())
         self.hub.stats[f"closed_{closed}" if closed else "finished"] += 1
         if by_bytes:

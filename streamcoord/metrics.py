@@ -10,7 +10,7 @@ Every name starts ``streamcoord_gateway_``; labels are bounded (a reason, never 
 
     connections_open                gauge    SSE streams open now
     connections_total               counter  SSE streams opened
-    deliveries_total                counter  events written to clients (live, and history)
+    deliveries_total                counter  events handed to clients (live, and history)
     events_read_total               counter  events taken from Redis: live messages, catch-up and history reads
     bytes_written_total             counter  SSE bytes written to clients
     resets_total{reason}            counter  resets sent to clients (streamcoord.resets.ResetReason)
@@ -57,7 +57,7 @@ Stats = collections.Counter[str]
 
 
 def deliveries(stats: Stats) -> int:
-    """Events written to clients: handed out live by the hub, and sent from history."""
+    """Events handed to clients: pushed live by the hub, and sent from history (a client cut or gone before writing them still counted them)."""
     return stats["deliveries"] + stats["history_deliveries"]
 
 
@@ -109,7 +109,7 @@ class GatewayCollector:
         yield _gauge("connections_open", "SSE streams open now.", len(gateway.connections))
         yield _counter("connections", "SSE streams opened.", gateway.connections_opened)
         yield _counter(
-            "deliveries", "Events written to clients (live and from history; several clients of one "
+            "deliveries", "Events handed to clients (live and from history; several clients of one "
             "event count once each).", deliveries(stats),
         )
         yield _counter(

@@ -115,6 +115,7 @@ async def find_start(
         # our own may give it.
         hub.stats["history_reads"] += 1
         snapshot = await read_snapshot(log, ref)
+        hub.stats["history_read_events"] += len(snapshot.tail) + len(snapshot.skipped)  # as the shared reads count
         hub.skips.report(key, snapshot.skipped)
     return await place(History(log, hub, ref, snapshot.tail), ref, snapshot.state, last_id, latest)
 
