@@ -35,7 +35,7 @@ import weakref
 from base64 import b64encode
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from asgineer import HttpRequest, _request
@@ -44,14 +44,22 @@ from redis.exceptions import RedisError
 
 from . import sse
 from .errors import InvalidTaskRef
+from .eventlog import EventLog
 from .hosts import is_loopback_client
+from .hub import Hub
 from .keys import KeySpace, TaskRef
 from .ops.status import collect_status
 from .settings import Settings
 from .tokens import mint
 
-if TYPE_CHECKING:
-    from .gateway import Gateway
+
+class Gateway(Protocol):
+    """What the dashboard takes from its gateway (:class:`streamcoord.gateway.Gateway`, which
+    imports this module: a protocol here keeps the import one way)."""
+
+    log: EventLog
+    settings: Settings
+    hub: Hub
 
 log = logging.getLogger(__name__)
 

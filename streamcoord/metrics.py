@@ -29,8 +29,8 @@ from prometheus-client's process collector.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sized
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -40,10 +40,21 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .hub import Hub
 from .resets import ResetReason
 
-if TYPE_CHECKING:  # the gateway makes its metrics: only its type is needed here
-    from .gateway import Gateway
+
+class Gateway(Protocol):
+    """What the metrics read of a gateway (:class:`streamcoord.gateway.Gateway`, which makes
+    its metrics: a protocol here keeps the import one way)."""
+
+    hub: Hub
+    connections_opened: int
+
+    @property
+    def connections(self) -> Sized: ...
+
+    def written_bytes(self) -> int: ...
 
 PREFIX = "streamcoord_gateway_"
 #: Why a client is cut (``clients_cut_total``): its queue's frame bound, its byte bound, or its

@@ -395,10 +395,12 @@ async def test_every_subcommand_on_a_running_system(
     old_epoch = (await state(redis, refs["lost"]))["epoch"]
     shell(project, f"from django_app.examples.models import ProgressTask\n"
                    f"print(ProgressTask.objects.filter(pk={refs['lost'].pk}).update(steps=3, delay=0.05))")
+    text = await run_cli(url, cwd, "retry", refs["lost"].label)
+    assert "retried: the failed task is queued as a new run of the same stream" in text, text
+    assert "the worker then records it running" in text
+    # Followed from the retry on (a tail started before it could read the old run to its end
+    # first): the old stream is gone, so it has the new run's events, whenever it starts.
     async with tail_process(url, cwd, refs["lost"].label, "--json") as retried_tail:
-        text = await run_cli(url, cwd, "retry", refs["lost"].label)
-        assert "retried: the failed task is queued as a new run of the same stream" in text, text
-        assert "the worker then records it running" in text
         code, retried_lines = await tail_output(retried_tail, 30)
     await until(lambda: row(project, refs["lost"])[0] == "completed", 15, "the worker to record the retried run")
     after = await state(redis, refs["lost"])
