@@ -264,7 +264,7 @@ async def test_every_subcommand_on_a_running_system(
     worker_a = project.worker("wa", concurrency=8, **FAST)
     a = worker_id(worker_a)
     refs = create_rows(project, {
-        "retrying": ("RetryingProgressTask", {"steps": 40, "delay": 0.1}, True),
+        "retrying": ("RetryingProgressTask", {"steps": 200, "delay": 0.05}, True),  # runs until worker a is killed
         "lost": ("ProgressTask", {"steps": 600, "delay": 0.1}, True),
         "running_cancel": ("ProgressTask", {"steps": 600, "delay": 0.1}, True),
         "completed": ("ProgressTask", {"steps": 2, "delay": 0}, True),
