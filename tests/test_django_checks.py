@@ -80,7 +80,7 @@ def test_an_environment_variable_that_names_no_setting_is_a_warning() -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "redis://127.0.0.1:6379/0", "rediss://user:pw@redis.example:6380/2", "redis://localhost",
+        "redis://redis.example:6379/0", "rediss://user:pw@redis.example:6380/2", "redis://redis.example",
         "unix:///run/redis/redis.sock?db=1", "redis+sentinel://s1:26379,s2:26380/mymaster/0",
         "redis+sentinel://worker:pw@s1:26379/mymaster", "redis+cluster://n1:7000,n2:7001",
     ],
@@ -94,7 +94,7 @@ def test_every_redis_url_form_streamcoord_reads_passes(url: str) -> None:
     ("url", "problem"),
     [
         ("http://redis:6379", "use redis://"),
-        ("localhost:6379", "use redis://"),
+        ("redis.example:6379", "use redis://"),
         ("redis://redis:port/0", "Port could not be cast"),
         ("redis://redis:70000/0", "Port out of range"),
         ("redis://redis:6379/zero", "the database must be a number"),
@@ -234,7 +234,8 @@ def test_the_registered_check_reads_settings_and_the_environment(monkeypatch: py
 def test_manage_py_check_names_a_typo_in_the_streamcoord_dict(tmp_path: Path) -> None:
     (tmp_path / "typo_settings.py").write_text(
         "from django_app.project.settings import *  # noqa: F403\n"
-        'STREAMCOORD = {"REDIS_ULR": "redis://127.0.0.1:6379/0", "STREAM_AUTH": "public"}\n'
+        # A unix socket in the test's own directory: nothing listens there, and check never connects.
+        f'STREAMCOORD = {{"REDIS_ULR": "unix://{tmp_path}/redis.sock", "STREAM_AUTH": "public"}}\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMCOORD_", "DJANGO_"))}
     env |= {"DJANGO_DB_PATH": str(tmp_path / "db.sqlite3"), "STREAMCOORD_STREAM_AUTH": "public"}
