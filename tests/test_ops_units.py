@@ -89,10 +89,10 @@ def values(**fields: str) -> list[bytes | None]:
 def test_a_record_decodes_and_a_gone_one_is_none() -> None:
     record = record_of(REF, values(state="running", attempt="2", worker="w1", last_seq="12", last_type="progress",
                                    running_since=NOW_ISO, epoch="ab12"))
-    assert record == TaskRecord(REF, "running", attempt=2, worker="w1", epoch="ab12", last_seq=12,
+    assert record == TaskRecord(ref=REF, state="running", attempt=2, worker="w1", epoch="ab12", last_seq=12,
                                 last_type="progress", running_since=NOW_ISO)
     assert record_of(REF, values()) is None  # expired between SCAN and HMGET
-    assert record_of(REF, values(state="queued", attempt="x")) == TaskRecord(REF, "queued")  # a hand edit
+    assert record_of(REF, values(state="queued", attempt="x")) == TaskRecord(ref=REF, state="queued")  # a hand edit
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_a_record_decodes_and_a_gone_one_is_none() -> None:
 def test_a_tasks_age_is_the_time_in_its_state(state: str, since: str) -> None:
     times = {"created": "2026-12-03T11:00:00+00:00", "queued": "2026-12-03T11:10:00+00:00",
              "running": "2026-12-03T11:20:00+00:00", "ended": "2026-12-03T11:30:00+00:00"}
-    record = TaskRecord(REF, state, created_at=times["created"], queued_at=times["queued"],
+    record = TaskRecord(ref=REF, state=state, created_at=times["created"], queued_at=times["queued"],
                         running_since=times["running"], ended_at=times["ended"])
     assert record.since == times[since]
     assert record.age_seconds(NOW_MS) == seconds_since(times[since], NOW_MS)
@@ -117,7 +117,7 @@ def test_ages_are_never_negative_and_unknown_times_have_none() -> None:
     assert seconds_since("", NOW_MS) is None
     assert seconds_since("yesterday", NOW_MS) is None
     assert seconds_since("2026-12-03T11:00:00", NOW_MS) is None  # no zone: no guess
-    assert TaskRecord(REF, "running").age_seconds(NOW_MS) is None
+    assert TaskRecord(ref=REF, state="running").age_seconds(NOW_MS) is None
 
 
 # -- registry entries, dead letters, queue ids -------------------------------------------------
@@ -165,7 +165,7 @@ def test_a_queue_entry_id_carries_the_redis_clock() -> None:
 
 def record(pk: int, state: str, minutes_ago: int = 1) -> TaskRecord:
     at = f"2026-12-03T11:{60 - minutes_ago:02d}:00+00:00"
-    return TaskRecord(TaskRef("examples", "ProgressTask", str(pk)), state, attempt=1, worker="w",
+    return TaskRecord(ref=TaskRef("examples", "ProgressTask", str(pk)), state=state, attempt=1, worker="w",
                       running_since=at, created_at=at, queued_at=at, ended_at=at, updated_at=at)
 
 
@@ -257,7 +257,7 @@ def test_the_state_options_take_lists_and_refuse_unknown_states() -> None:
 
 def test_newest_first_keeps_the_limit_and_one_row_per_task() -> None:
     records = [record(1, "running", 30), record(2, "failed", 2), record(3, "queued", 10), record(2, "failed", 2),
-               TaskRecord(TaskRef("examples", "ProgressTask", "4"), "pending")]
+               TaskRecord(ref=TaskRef("examples", "ProgressTask", "4"), state="pending")]
     assert [r.ref.pk for r in newest_first(records, NOW_MS, 3)] == ["2", "3", "1"]
     assert [r.ref.pk for r in newest_first(records, NOW_MS, 10)] == ["2", "3", "1", "4"]  # no time: last
 

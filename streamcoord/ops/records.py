@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from ..errors import InvalidTaskRef
 from ..keys import KeySpace, TaskRef
-from ..taskstate import Field, State
+from ..taskstate import Field, State, TaskState
 
 #: Keys asked for per SCAN call, and records read per pipeline.
 BATCH = 500
@@ -31,21 +31,11 @@ FIELDS: tuple[Field, ...] = (
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class TaskRecord:
-    """The operator's view of one task's state record."""
+class TaskRecord(TaskState):
+    """The operator's view of one task's state record: the record (only :data:`FIELDS` read)
+    and the task it belongs to."""
 
-    ref: TaskRef
-    state: str
-    attempt: int = 0
-    worker: str = ""
-    epoch: str = ""
-    last_seq: int = 0
-    last_type: str = ""
-    created_at: str = ""
-    queued_at: str = ""
-    running_since: str = ""
-    updated_at: str = ""
-    ended_at: str = ""
+    ref: TaskRef = dataclasses.field(kw_only=True)
 
     @property
     def since(self) -> str:
@@ -104,31 +94,13 @@ def ref_of_state_key(keys: KeySpace, key: bytes | str) -> TaskRef | None:
 
 
 def record_of(ref: TaskRef, values: list[bytes | None]) -> TaskRecord | None:
-    """Decode one HMGET of :data:`FIELDS`; None when the record is gone (no state)."""
-    text = {field.value: (raw or b"").decode(errors="replace") for field, raw in zip(FIELDS, values, strict=True)}
-    if not text[Field.STATE]:
+    """Decode one HMGET of :data:`FIELDS` (as ``TaskState`` decodes a record); None when the
+    record is gone (no state)."""
+    raw = {field.value.encode(): value for field, value in zip(FIELDS, values, strict=True) if value is not None}
+    record = TaskState.from_hash(raw)
+    if record is None or not record.state:
         return None
-    return TaskRecord(
-        ref=ref,
-        state=text[Field.STATE],
-        attempt=_int(text[Field.ATTEMPT]),
-        worker=text[Field.WORKER],
-        epoch=text[Field.EPOCH],
-        last_seq=_int(text[Field.LAST_SEQ]),
-        last_type=text[Field.LAST_TYPE],
-        created_at=text[Field.CREATED_AT],
-        queued_at=text[Field.QUEUED_AT],
-        running_since=text[Field.RUNNING_SINCE],
-        updated_at=text[Field.UPDATED_AT],
-        ended_at=text[Field.ENDED_AT],
-    )
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        return 0
+    return TaskRecord(**{f.name: getattr(record, f.name) for f in dataclasses.fields(record)}, ref=ref)
 
 
 async def scan_keys(redis: Redis, pattern: str, batch: int = BATCH) -> AsyncIterator[list[bytes]]:
