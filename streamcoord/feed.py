@@ -19,8 +19,6 @@ listener's bytes (:meth:`streamcoord.listener.Listener.hold`).
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 from .codec import Frame
@@ -29,7 +27,7 @@ from .hub import Hub
 from .ids import EventId
 from .keys import TaskRef
 from .listener import Batch, BatchKind
-from .resets import RESET_EVENT, ResetReason, epoch_reset, gap_reset, reset_frame
+from .resets import ResetReason, epoch_reset, gap_reset, reset_frame
 from .resume import Start, find_start
 from .window import frames_bytes, runs_within
 
@@ -40,23 +38,6 @@ _HEARTBEAT = BatchKind.HEARTBEAT
 #: client that stops reading holds in a waiting send and in its connection's buffer (uvicorn
 #: makes a writer wait once that buffer holds 64 KiB).
 CHUNK_BYTES = 64 * 1024
-#: How a reset frame (:func:`streamcoord.resets.reset_frame`) begins: what tells one among the
-#: frames decided at open time.
-_RESET_HEAD = b"event: " + RESET_EVENT.encode() + b"\ndata: "
-
-
-def count_preface(stats: collections.Counter[str], preface: Sequence[bytes]) -> None:
-    """Count the frames decided at open time as they go out (for the gateway's metrics): each
-    reset by its reason (``reset_<reason>``), and any other frame, an expired stream's outcome
-    rebuilt from its state record, as an event sent from history. The reasons were decided in
-    :func:`streamcoord.resume.place` and arrive encoded: read back from the frame's JSON."""
-    for frame in preface:
-        if frame.startswith(_RESET_HEAD):
-            reason = json.loads(frame[len(_RESET_HEAD):].partition(b"\n")[0])["reason"]
-            stats[f"reset_{reason}"] += 1
-        else:
-            stats["history_deliveries"] += 1
-
 
 class Feed:
     """Where one client starts in a task's stream, and the chunks it is sent from there."""
@@ -71,6 +52,7 @@ class Feed:
         self._last = start.last  # sequence of the last event sent (or skipped by the client's choice)
         self._epoch = start.epoch  # of the events sent
         self._pending = start.preface  # frames decided at open time, sent first
+        self._pending_resets = start.resets  # the reasons of the resets among them
         self._first = start.first  # history to send first
 
     @classmethod
@@ -98,8 +80,10 @@ class Feed:
         """Yield what the client is sent before live events: resets, history, and what was
         missed while subscribing. Listens to the hub by the time it ends."""
         out, self._pending = self._pending, []
-        if out:
-            count_preface(self.hub.stats, out)
+        if out:  # counted as they go out: each reset by its reason, the rest as history
+            for reason in self._pending_resets:
+                self.hub.stats[f"reset_{reason.value}"] += 1
+            self.hub.stats["history_deliveries"] += len(out) - len(self._pending_resets)
         if self.ended:
             if out:
                 yield b"".join(out)

@@ -77,12 +77,19 @@ class Start:
     last: int = 0
     #: Frames decided now, sent before anything else: a reset, an expired stream's outcome.
     preface: list[bytes] = dataclasses.field(default_factory=list)
+    #: The reasons of the resets in ``preface`` (for the gateway's counters).
+    resets: list[ResetReason] = dataclasses.field(default_factory=list)
     #: History to send first (from the snapshot or the window), oldest first.
     first: list[Frame] = dataclasses.field(default_factory=list)
     #: The terminal event is out, or is all that is left to send.
     ended: bool = False
     #: Listening already: the client starts from the hub's window.
     listener: Listener | None = None
+
+    def reset(self, reason: ResetReason, ref: TaskRef) -> None:
+        """Tell the client ``reason`` first."""
+        self.preface.append(reset_frame(reason, self.epoch, ref))
+        self.resets.append(reason)
 
     @property
     def goes_on(self) -> bool:
@@ -148,12 +155,12 @@ async def place(
             start.ended = True  # the client has the terminal event: nothing to send
             return start
         if reason is not None:
-            start.preface.append(reset_frame(reason, start.epoch, ref))
+            start.reset(reason, ref)
             page, after = await history.first_page(0), 0
     if not page and state is not None and state.ended and state.end_data:
         # The stream expired but the state record kept the outcome: say so, then send it.
         if not start.preface:
-            start.preface.append(reset_frame(ResetReason.EXPIRED, start.epoch, ref))
+            start.reset(ResetReason.EXPIRED, ref)
         outcome_id = b"%s-%d" % (start.epoch, last_seq)
         start.preface.append(sse.encode_event(state.end_data, event=state.last_type.encode(), id=outcome_id))
         start.ended = True
