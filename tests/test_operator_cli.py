@@ -342,7 +342,8 @@ async def test_every_subcommand_on_a_running_system(
     assert sorted((w["id"], w["pid"], w["running"], w["concurrency"]) for w in status["workers"]) == sorted(
         [(b, worker_b.pid, 1, 1), (c, worker_c.pid, 1, 1)]
     )
-    assert all(0 <= w["heartbeat_age_seconds"] < 5 for w in status["workers"])
+    # Seconds on the Redis clock (not ms, never negative); a live worker beats every second.
+    assert all(0 <= w["heartbeat_age_seconds"] < 60 for w in status["workers"])
     assert sorted(g["pid"] for g in status["gateways"]) == sorted(g.pid for g in gateways)
     serving = {g["pid"]: g for g in status["gateways"]}[gateways[0].pid]
     assert serving["listeners"] >= 1 and serving["streams"] >= 1 and serving["address"], serving

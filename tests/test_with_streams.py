@@ -169,22 +169,22 @@ async def test_token_auth_cors_and_the_stream_limit_are_the_gateways(project: Pr
 async def test_sigterm_ends_open_streams_and_stops_the_process_promptly(project: Project) -> None:
     with running_site(project) as site:
         project.worker(shutdown_grace_seconds=1)
-        created = project.create_task("ProgressTask", "steps=400", "delay=0.05", start=True)
+        # 200 s of events: a shutdown that waited for the open stream would outlast every bound
+        # below by far (the process.wait's 10 s is the assertion, with a margin a busy 2-core
+        # machine cannot eat).
+        created = project.create_task("ProgressTask", "steps=4000", "delay=0.05", start=True)
         client = await open_stream(site, created["stream"])
         try:
             first = [await asyncio.wait_for(client.next_event(), 10) for _ in range(3)]
-            started = time.monotonic()
             site.process.send_signal(signal.SIGTERM)
-            rest = await asyncio.wait_for(client.events_until_end(), 5)
-            returncode = await asyncio.to_thread(site.process.wait, 10)
-            took = time.monotonic() - started
+            rest = await asyncio.wait_for(client.events_until_end(), 10)
+            returncode = await asyncio.to_thread(site.process.wait, 10)  # raises if it lingers
         finally:
             client.close()
     assert client.ended  # the response ended cleanly: the terminating chunk, not a cut connection
     events = [e for e in first + rest if e is not None]
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert "complete" not in [e.event for e in events]  # cut short: the client resumes elsewhere
-    assert took < 3, f"SIGTERM took {took:.1f}s:\n{site.log_text()}"
     # uvicorn (0.29 and later) re-raises the signal once it shut down: killed by SIGTERM, 143 in
     # a shell, which systemd and container runtimes take for a clean stop.
     assert returncode == -signal.SIGTERM, site.log_text()
