@@ -68,9 +68,10 @@ def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | 
 
 def authorize(
     settings: Settings, headers: Mapping[str, str], query: Mapping[str, str],
-    app_label: str | None, model: str, pk: str,
+    *streams: tuple[str | None, str, str],
 ) -> Permit | Refusal:
-    """Whether a request for the stream ``/stream/[app_label/]model/pk`` may read it."""
+    """Whether a request may read every stream of ``streams``, each named as in its URL:
+    ``(app_label or None, model, pk)``."""
     if settings.public_streams:
         return Permit(None, settings.lazy_start)
     token = bearer_token(headers, query)
@@ -84,6 +85,9 @@ def authorize(
         grant = verify(settings.secret, token)
     except TokenInvalid as exc:
         return Refusal(401, str(exc))
-    if not grant.may_name(app_label, model, pk):
-        return Refusal(403, "this stream token does not grant this stream")
+    for app_label, model, pk in streams:
+        if not grant.may_name(app_label, model, pk):
+            named = f"{app_label}.{model}:{pk}" if app_label else f"{model}:{pk}"
+            which = f" ({named})" if len(streams) > 1 else ""
+            return Refusal(403, f"this stream token does not grant this stream{which}")
     return Permit(grant, grant.start and settings.lazy_start, grant.subject)

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from .errors import StreamcoordError
+from .ids import parse_composite_id, task_tag
+from .keys import TaskRef
 from .resets import RESET_EVENT, ResetReason
 from .taskstate import TERMINAL_EVENTS
 
@@ -136,13 +138,116 @@ async def stream_task(
     ``max_reconnects`` bounds consecutive attempts that bring no event (None: retry forever);
     past it :class:`StreamClientError` is raised. Other error answers raise it at once.
     """
+    url = base_url.rstrip("/") + task_path(model, task_id, app_label)
+
+    def follow(sse: ServerSentEvent, event_id: str | None) -> tuple[StreamEvent, bool]:
+        event = _event(sse, event_id, url)
+        return event, event.terminal
+
+    # After a reset the position may name history that is gone: the next event's id replaces
+    # it; until then a reconnect asks for everything.
+    events = _follow(
+        url, follow, last_event_id, forget_on_reset=True, token=token, uds=uds,
+        reconnect_delay=reconnect_delay, max_reconnects=max_reconnects, client=client,
+    )
+    async for event in events:
+        yield event
+
+
+@dataclass(frozen=True)
+class TaskEvent(StreamEvent):
+    """One event of a multiplexed stream (:func:`stream_tasks`): ``id`` is the connection's
+    composite position, ``task`` the label (``app.Model:pk``) of the task it belongs to (a
+    ``reset`` names its task too), and :attr:`seq` the event's sequence in that task's stream."""
+
+    task: str = ""
+    task_seq: int | None = None
+
+    @property
+    def seq(self) -> int | None:
+        return self.task_seq
+
+
+def streams_path(refs: Iterable[TaskRef | str]) -> str:
+    """``/streams?task=app.Model:pk&task=...`` for the tasks ``refs``."""
+    return "/streams?" + urlencode([("task", str(ref)) for ref in refs])
+
+
+async def stream_tasks(
+    base_url: str,
+    refs: Iterable[TaskRef | str],
+    *,
+    last_event_id: str | None = None,
+    token: str | None = None,
+    uds: str | None = None,
+    reconnect_delay: float | None = None,
+    max_reconnects: int | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> AsyncGenerator[TaskEvent, None]:
+    """Yield the events of many tasks (``refs``: TaskRefs or ``app.Model:pk`` labels) from one
+    connection to ``base_url``'s ``GET /streams``, until every task has ended.
+
+    Each task resumes exactly after its own last event when the connection drops: the client
+    sends the last composite id back (``last_event_id`` starts from one, e.g. a connection's
+    for a subset of these tasks). The other arguments are :func:`stream_task`'s; ``token`` must
+    cover every task."""
+    labels = list(dict.fromkeys(str(ref) for ref in refs))
+    if not labels:
+        raise ValueError("stream_tasks follows at least one task")
+    tags = {task_tag(label): label for label in labels}
+    url = base_url.rstrip("/") + streams_path(labels)
+    ended: set[str] = set()
+
+    def follow(sse: ServerSentEvent, event_id: str | None) -> tuple[TaskEvent, bool]:
+        base = _event(sse, event_id, url)
+        label = _label_of(base.data)
+        seq = None
+        if event_id is not None:
+            parts = parse_composite_id(event_id, len(labels))
+            position = next((pos for tag, pos in parts.items() if tags.get(tag) == label), None)
+            seq = position.seq if position is not None else None
+        event = TaskEvent(base.id, base.event, base.data, label, seq)
+        if event.terminal:
+            ended.add(label)
+        return event, len(ended) == len(labels)
+
+    # The composite position is kept across a reset: the server resets that task again if its
+    # part still names history that is gone, and every other task goes on.
+    events = _follow(
+        url, follow, last_event_id, forget_on_reset=False, token=token, uds=uds,
+        reconnect_delay=reconnect_delay, max_reconnects=max_reconnects, client=client,
+    )
+    async for event in events:
+        yield event
+
+
+def _label_of(data: dict[str, Any]) -> str:
+    """The task an event's data names (``_app``, ``_model``, ``_task_id``)."""
+    return f"{data.get('_app')}.{data.get('_model')}:{data.get('_task_id')}"
+
+
+E = TypeVar("E", bound=StreamEvent)
+
+
+async def _follow(
+    url: str,
+    follow: Callable[[ServerSentEvent, str | None], tuple[E, bool]],
+    position: str | None,
+    *,
+    forget_on_reset: bool,
+    token: str | None,
+    uds: str | None,
+    reconnect_delay: float | None,
+    max_reconnects: int | None,
+    client: httpx.AsyncClient | None,
+) -> AsyncGenerator[E, None]:
+    """Read ``url``'s events, reconnecting with Last-Event-ID, until ``follow`` (which makes
+    each event) says the stream is done or the server answers 204."""
     if client is not None and uds is not None:
         raise ValueError("pass either uds or client, not both")
-    url = base_url.rstrip("/") + task_path(model, task_id, app_label)
     http = client or httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None, timeout=DEFAULT_TIMEOUT
     )
-    position = last_event_id
     server_delay: float | None = None
     failures = 0
     try:
@@ -182,16 +287,14 @@ async def stream_task(
                                 continue  # the opening comment and retry: no event to dispatch
                             event_id = sse.id if sse.id and sse.id != seen_id else None
                             seen_id = sse.id
-                            event = _event(sse, event_id, url)
+                            event, done = follow(sse, event_id)
                             failures = 0
                             if event.id is not None:
                                 position = event.id
-                            elif event.event == RESET_EVENT:
-                                # The position may name history that is gone: the next event's
-                                # id replaces it; until then a reconnect asks for everything.
+                            elif event.event == RESET_EVENT and forget_on_reset:
                                 position = None
                             yield event
-                            if event.terminal:
+                            if done:
                                 return
                         problem = "the stream ended before a terminal event"
             except httpx.TransportError as exc:
@@ -226,19 +329,33 @@ def iter_task_events(
     Call it from a thread without a running event loop (a script, the shell, a worker thread);
     async code uses :func:`stream_task` directly.
     """
-    events = stream_task(
-        base_url,
-        model,
-        task_id,
-        app_label=app_label,
-        last_event_id=last_event_id,
-        token=token,
-        uds=uds,
-        reconnect_delay=reconnect_delay,
-        max_reconnects=max_reconnects,
-    )
+    yield from _run(stream_task(
+        base_url, model, task_id, app_label=app_label, last_event_id=last_event_id, token=token,
+        uds=uds, reconnect_delay=reconnect_delay, max_reconnects=max_reconnects,
+    ))
 
-    async def following() -> StreamEvent | None:
+
+def iter_tasks_events(
+    base_url: str,
+    refs: Iterable[TaskRef | str],
+    *,
+    last_event_id: str | None = None,
+    token: str | None = None,
+    uds: str | None = None,
+    reconnect_delay: float | None = None,
+    max_reconnects: int | None = None,
+) -> Generator[TaskEvent, None, None]:
+    """:func:`stream_tasks` for synchronous code, as :func:`iter_task_events` is for one task."""
+    yield from _run(stream_tasks(
+        base_url, refs, last_event_id=last_event_id, token=token, uds=uds,
+        reconnect_delay=reconnect_delay, max_reconnects=max_reconnects,
+    ))
+
+
+def _run(events: AsyncGenerator[E, None]) -> Generator[E, None, None]:
+    """Yield ``events`` from an event loop of this generator's own."""
+
+    async def following() -> E | None:
         return await anext(events, None)
 
     with asyncio.Runner() as runner:

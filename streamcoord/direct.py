@@ -50,14 +50,15 @@ class DirectWriter:
 
     __slots__ = ("_cycle", "_position", "_stall")
 
-    def __init__(self, cycle: Any, position: Position, stall: Written) -> None:
+    def __init__(self, cycle: Any, position: Position | None, stall: Written) -> None:
         self._cycle = cycle
         self._position = position
         self._stall = stall
 
     @classmethod
-    def of(cls, send: Any, position: Position, stall: Written) -> DirectWriter | None:
-        """The writer for the ASGI ``send`` of a uvicorn response cycle, or None (another server)."""
+    def of(cls, send: Any, position: Position | None, stall: Written) -> DirectWriter | None:
+        """The writer for the ASGI ``send`` of a uvicorn response cycle, or None (another server).
+        Without a ``position`` it writes heartbeats and what :meth:`write` is given only."""
         cycle = getattr(send, "__self__", None)
         needed = ("transport", "flow", "chunked_encoding", "disconnected", "response_complete")
         if cycle is None or not all(hasattr(cycle, name) for name in needed):
@@ -66,22 +67,29 @@ class DirectWriter:
 
     def __call__(self, batch: Batch) -> bool:
         """Write ``batch`` now; False when it must go the usual way."""
+        kind = batch.kind
+        events = kind is _EVENTS
+        position = self._position
+        if not (events and position is not None and position.follows(batch)) and kind is not _HEARTBEAT:
+            return False
+        if not self.write(batch.data):
+            return False
+        if events and position is not None:
+            position.sent(batch)
+        return True
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data`` (whole frames) as a chunk of the response now, when the connection
+        takes it at once (see the module); False when it must go the usual way."""
         cycle = self._cycle
         if (
             cycle.chunked_encoding is not True or cycle.disconnected or cycle.response_complete
             or cycle.flow.write_paused or cycle.transport.is_closing()
         ):
             return False
-        kind = batch.kind
-        events = kind is _EVENTS
-        if not (events and self._position.follows(batch)) and kind is not _HEARTBEAT:
-            return False
-        data = batch.data
         try:
             cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # as uvicorn writes a chunk
         except (OSError, RuntimeError):  # the connection went away: the task finds out
             return False
-        if events:
-            self._position.sent(batch)
         self._stall.written += len(data)
         return True

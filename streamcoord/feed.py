@@ -19,11 +19,11 @@ listener's bytes (:meth:`streamcoord.listener.Listener.hold`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from .codec import Frame
 from .eventlog import EventLog
-from .hub import Hub
+from .hub import Hub, ListenerFactory
 from .ids import EventId
 from .keys import TaskRef
 from .listener import Batch, BatchKind
@@ -42,7 +42,9 @@ CHUNK_BYTES = 64 * 1024
 class Feed:
     """Where one client starts in a task's stream, and the chunks it is sent from there."""
 
-    def __init__(self, hub: Hub, ref: TaskRef, start: Start) -> None:
+    def __init__(
+        self, hub: Hub, ref: TaskRef, start: Start, make: ListenerFactory | None = None
+    ) -> None:
         self.hub = hub
         self.ref = ref
         self.state = start.state
@@ -54,14 +56,20 @@ class Feed:
         self._pending = start.preface  # frames decided at open time, sent first
         self._pending_resets = start.resets  # the reasons of the resets among them
         self._first = start.first  # history to send first
+        self._make = make  # builds the listener, when it is not the hub's own kind
+        #: Gives each frame sent (``id:`` first) the id the client is to see instead of the
+        #: stream's own (a multiplexed connection's, :mod:`streamcoord.mux`); None: as it is.
+        self.rewrite: Callable[[bytes], bytes] | None = None
 
     @classmethod
     async def open(
-        cls, log: EventLog, hub: Hub, ref: TaskRef, *, last_id: EventId | None = None, latest: bool = False
+        cls, log: EventLog, hub: Hub, ref: TaskRef, *, last_id: EventId | None = None, latest: bool = False,
+        budget: int | None = None, make: ListenerFactory | None = None,
     ) -> Feed:
         """Decide where the client starts; raise :class:`UnknownTask` if the task has neither
-        a state record nor events."""
-        return cls(hub, ref, await find_start(log, hub, ref, last_id, latest))
+        a state record nor events. ``budget`` and ``make``: see
+        :func:`streamcoord.resume.find_start`."""
+        return cls(hub, ref, await find_start(log, hub, ref, last_id, latest, budget, make), make)
 
     @property
     def empty(self) -> bool:
@@ -80,6 +88,8 @@ class Feed:
         """Yield what the client is sent before live events: resets, history, and what was
         missed while subscribing. Listens to the hub by the time it ends."""
         out, self._pending = self._pending, []
+        if out and self.rewrite is not None:  # (a reset has no id: it keeps its bytes)
+            out = [self.rewrite(frame) if frame.startswith(b"id: ") else frame for frame in out]
         if out:  # counted as they go out: each reset by its reason, the rest as history
             for reason in self._pending_resets:
                 self.hub.stats[f"reset_{reason.value}"] += 1
@@ -105,7 +115,9 @@ class Feed:
                 return
             tail, self._history.tail = self._history.tail, []  # sent: only the hub keeps it
             seen = tail if tail and tail[-1].seq == self._last else ()
-            self.listener, hub_cursor = self.hub.subscribe(self._history.key, self._last, self._epoch, seen)
+            self.listener, hub_cursor = self.hub.subscribe(
+                self._history.key, self._last, self._epoch, seen, self._make
+            )
             del tail, seen  # this generator waits in sends below: it must not keep them alive
             # The hub cancels the task writing this feed if its client falls too far behind.
             self.listener.task = asyncio.current_task()
@@ -175,28 +187,37 @@ class Feed:
             if not batches:  # closed: overflow or shutdown
                 return None
             out: list[bytes] = []
-            for batch in batches:
-                kind = batch.kind
-                if kind is _EVENTS:
-                    if batch.epoch == self._epoch and batch.first == self._last + 1:
-                        # In step with the stream (the usual case): the hub's bytes as they are.
-                        out.append(batch.data)
-                        self._last, self.ended = batch.last, batch.terminal
-                    else:
-                        self.ended = await self._send(batch.frames, out, live=True)
-                elif kind is _HEARTBEAT:
-                    out.append(batch.data)
-                else:  # a rewind: Redis lost events of this stream; what the client has may
-                    # be gone. Say so, then send the stream from its start (the hub reads it
-                    # again from 1).
-                    out.append(self._reset(ResetReason.LOST))
-                    self._last, self._epoch = 0, b""
-                if self.ended:
-                    break
+            await self.absorb(batches, out)
             if out:  # a batch of duplicates only sends nothing
                 return out[0] if len(out) == 1 else b"".join(out)
             if self.ended:
                 return None
+
+    async def absorb(self, batches: Iterable[Batch], out: list[bytes]) -> None:
+        """Append to ``out`` what the client is sent of ``batches`` (from the hub, in order),
+        up to the terminal event."""
+        rewrite = self.rewrite
+        for batch in batches:
+            kind = batch.kind
+            if kind is _EVENTS:
+                if batch.epoch == self._epoch and batch.first == self._last + 1:
+                    # In step with the stream (the usual case): the hub's bytes as they are.
+                    if rewrite is None:
+                        out.append(batch.data)
+                    else:
+                        out.extend([rewrite(frame.data) for frame in batch.frames])
+                    self._last, self.ended = batch.last, batch.terminal
+                else:
+                    self.ended = await self._send(batch.frames, out, live=True)
+            elif kind is _HEARTBEAT:
+                out.append(batch.data)
+            else:  # a rewind: Redis lost events of this stream; what the client has may
+                # be gone. Say so, then send the stream from its start (the hub reads it
+                # again from 1).
+                out.append(self._reset(ResetReason.LOST))
+                self._last, self._epoch = 0, b""
+            if self.ended:
+                return
 
     async def _send(self, frames: Iterable[Frame], out: list[bytes], *, live: bool) -> bool:
         """Append to ``out`` the frames the client lacks, in order, skipping what it has; True
@@ -221,7 +242,7 @@ class Feed:
                         return True
                     if reason := gap_reset(self._last, frame.seq):
                         out.append(self._reset(reason))
-                out.append(frame.data)
+                out.append(frame.data if self.rewrite is None else self.rewrite(frame.data))
                 sent += 1
                 self._last, self._epoch = frame.seq, frame.epoch
                 if frame.terminal:

@@ -5,7 +5,8 @@ Routes::
     GET /stream/{Model}/{id}              a task's events (history, then live); starts a
                                           pending task (lazy start) for a token that may
     GET /stream/{app_label}/{Model}/{id}  the same, naming the app
-    OPTIONS /stream/...                   a CORS preflight (``Settings.cors_origins``)
+    GET /streams?task=app.Model:pk&...    many tasks' events on one connection (streamcoord.mux)
+    OPTIONS /stream/..., /streams         a CORS preflight (``Settings.cors_origins``)
     GET /health                           200 "OK" while the process serves
     GET /ready                            200 "READY" when Redis answers and the subscriber is connected, else 503
 
@@ -32,8 +33,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import asgineer
@@ -49,11 +50,13 @@ from .eventlog import EventLog
 from .feed import Feed
 from .hosts import is_ip_or_localhost, rebinding_guard_applies
 from .hub import Hub
-from .ids import EventId, parse_event_id
+from .ids import EventId, parse_composite_id, parse_event_id, task_tag
 from .jobs import START_GRACE_MS, JobQueue
 from .keys import TaskRef
+from .listener import Listener
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics
+from .mux import Confluence, Multiplex
 from .registry import ModelRegistry
 from .settings import Settings
 from .stall import WriteStall
@@ -130,15 +133,41 @@ def parse_stream_path(path: str) -> tuple[str | None, str, str] | None:
     return parts[0], parts[1], parts[2]
 
 
-def last_event_id(request: HttpRequest) -> EventId | None:
-    """The client's position: the Last-Event-ID header, else the ``last_event_id`` query
-    parameter (for a first connect that resumes). Raises InvalidEventId."""
+def _raw_event_id(request: HttpRequest) -> str | None:
+    """The client's position as it sent it: the Last-Event-ID header, else the
+    ``last_event_id`` query parameter (for a first connect that resumes)."""
     raw = request.headers.get("last-event-id")
     if raw is None:
         raw = request.querydict.get("last_event_id")
-    if raw is None or raw == "":
-        return None
-    return parse_event_id(raw)
+    return raw or None
+
+
+def last_event_id(request: HttpRequest) -> EventId | None:
+    """The client's position in a task's stream. Raises InvalidEventId."""
+    raw = _raw_event_id(request)
+    return None if raw is None else parse_event_id(raw)
+
+
+def composite_event_id(request: HttpRequest, max_tasks: int) -> dict[str, EventId]:
+    """The client's position on a multiplexed connection: each task's last event, by tag
+    (:mod:`streamcoord.ids`). Raises InvalidEventId."""
+    raw = _raw_event_id(request)
+    return {} if raw is None else parse_composite_id(raw, max_tasks)
+
+
+class Source(Protocol):
+    """What the gateway writes to a client: one task's :class:`Feed`, or a :class:`Multiplex`."""
+
+    @property
+    def ref(self) -> TaskRef | str: ...
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def listener(self) -> Listener | Confluence | None: ...
+
+    def close(self) -> None: ...
 
 
 class Gateway:
@@ -202,13 +231,14 @@ class Gateway:
 
     async def _route(self, request: HttpRequest) -> Response | None:
         path = request.path
-        if path.startswith("/stream/"):
+        if path.startswith("/stream/") or path in ("/streams", "/streams/"):
             if request.method not in STREAM_METHODS:
                 return method_not_allowed(STREAM_METHODS)
             cors_headers = cors.response_headers(self._cors_origins, request.headers)
             if request.method == "OPTIONS":
                 return self._preflight(request)
-            response = await self._stream(request, cors_headers)
+            serve = self._stream if path.startswith("/stream/") else self._streams
+            response = await serve(request, cors_headers)
             return None if response is None else with_headers(response, cors_headers)
         if path in ("/health", "/ready") and request.method not in READ_METHODS:
             return method_not_allowed(READ_METHODS)
@@ -292,7 +322,7 @@ class Gateway:
             return text(400, str(exc))
         # Who may read it, from the request alone: nothing below runs for a stranger, so no
         # answer tells which tasks or models exist.
-        permit = authorize(self.settings, request.headers, request.querydict, app_label, model, pk)
+        permit = authorize(self.settings, request.headers, request.querydict, (app_label, model, pk))
         if isinstance(permit, Refusal):
             return self._refuse(permit)
         try:
@@ -317,6 +347,92 @@ class Gateway:
         finally:
             feed.close()  # a feed may listen from the start (attached to the hub's window)
 
+    async def _streams(self, request: HttpRequest, cors_headers: dict[str, str]) -> Response | None:
+        """``GET /streams?task=app.Model:pk&task=...``: many tasks on one connection."""
+        names = list(dict.fromkeys(value for key, value in request.querylist if key == "task"))
+        limit = self.settings.max_tasks_per_stream
+        if not names:
+            return text(400, "name the tasks to follow: /streams?task=app_label.Model:pk&task=...")
+        if len(names) > limit:
+            return text(
+                400, f"one connection follows at most {limit} tasks, not {len(names)}"
+                " (STREAMCOORD_MAX_TASKS_PER_STREAM): split them over several connections",
+            )
+        refs: list[TaskRef] = []
+        for name in names:
+            if len(name) > 2 * EXCERPT_CHARS:
+                return text(400, f"{excerpt(name)} is too long for a task name")
+            try:
+                refs.append(TaskRef.parse(name))
+            except InvalidTaskRef as exc:
+                return text(400, f"{exc} (use task=app_label.Model:pk)")
+        permit = authorize(
+            self.settings, request.headers, request.querydict, *((r.app_label, r.model, r.pk) for r in refs)
+        )
+        if isinstance(permit, Refusal):
+            return self._refuse(permit)
+        tags = [task_tag(ref.label) for ref in refs]
+        if len(set(tags)) < len(tags):
+            first, second = (ref for ref, tag in zip(refs, tags, strict=True) if tags.count(tag) > 1)
+            return text(
+                400, f"tasks {first} and {second} cannot share one connection (their tags in event"
+                " ids are the same): follow them on two",
+            )
+        try:
+            given = composite_event_id(request, limit)
+        except InvalidEventId as exc:
+            return text(400, str(exc))
+        stranger = next((tag for tag in given if tag not in tags), None)
+        if stranger is not None:
+            return text(
+                400, f"the Last-Event-ID names a task this request does not follow (tag {stranger}):"
+                " drop its part when you stop following a task",
+            )
+        resolved_refs = []
+        for ref in refs:  # (a few models, their names cached: no Redis read each)
+            resolved = await self.registry.resolve(ref.app_label, ref.model)
+            if resolved is None:
+                return text(404, f"unknown model {excerpt(ref.model_label)}")
+            canonical = TaskRef(resolved[0], resolved[1], ref.pk)
+            if not permit.covers(canonical):
+                return self._refuse(Refusal(403, f"this stream token does not grant this stream ({canonical})"))
+            resolved_refs.append(canonical)
+        try:
+            mux = await Multiplex.open(self.log, self.hub, resolved_refs, tags, given)
+        except UnknownTask as exc:
+            return text(404, str(exc).replace("no task", "unknown task"))
+        try:
+            return await self._serve_many(request, mux, permit, cors_headers)
+        finally:
+            mux.close()
+
+    async def _serve_many(
+        self, request: HttpRequest, mux: Multiplex, permit: Permit, cors_headers: dict[str, str]
+    ) -> Response | None:
+        if permit.start and request.method != "HEAD":
+            for feed in mux.feeds:
+                if feed.state is not None and feed.state.awaits_start:
+                    await self._lazy_start(feed.ref, permit)
+        if mux.empty:
+            return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
+        await request.accept(200, merge_headers(SSE_HEADERS, cors_headers))
+        if request.method == "HEAD":
+            await request.send(b"", more=False)
+            return None
+        await request.send(self._open_chunk)
+        self._closed_bytes += len(self._open_chunk)
+        await self._pump_until_done(request, mux, lambda stall: mux.pump(request, stall))
+        return None
+
+    async def _lazy_start(self, ref: TaskRef, permit: Permit) -> None:
+        """The predecessor's lazy start: the first client of a created task starts it. The
+        start is one atomic step, so clients racing through any gateways start it once."""
+        outcome = await self.jobs.start(ref, lazy=True)
+        if outcome.queued:
+            log.info("lazy start of %s (token issued to %s)", ref, permit.subject or "nobody named")
+        if not outcome.queued and outcome.state == State.QUEUED:
+            self._start_after_grace(ref)
+
     @staticmethod
     def _refuse(refusal: Refusal) -> Response:
         challenge = {"www-authenticate": CHALLENGE} if refusal.status == 401 else {}
@@ -327,13 +443,7 @@ class Gateway:
     ) -> Response | None:
         ref = feed.ref
         if feed.state is not None and feed.state.awaits_start and permit.start and request.method != "HEAD":
-            # The predecessor's lazy start: the first client of a created task starts it. The
-            # start is one atomic step, so clients racing through any gateways start it once.
-            outcome = await self.jobs.start(ref, lazy=True)
-            if outcome.queued:
-                log.info("lazy start of %s (token issued to %s)", ref, permit.subject or "nobody named")
-            if not outcome.queued and outcome.state == State.QUEUED:
-                self._start_after_grace(ref)
+            await self._lazy_start(ref, permit)
         wants_sse = "text/event-stream" in request.headers.get("accept", "")
         if feed.state is not None and feed.state.ended and not wants_sse:
             return 200, SUMMARY_HEADERS, json.dumps(self._summary(feed))
@@ -345,7 +455,7 @@ class Gateway:
             return None
         await request.send(self._open_chunk)
         self._closed_bytes += len(self._open_chunk)
-        await self._pump_until_done(request, feed)
+        await self._pump_until_done(request, feed, lambda stall: self._pump(request, feed, stall))
         return None
 
     @staticmethod
@@ -354,16 +464,19 @@ class Gateway:
         assert state is not None
         return {"status": state.state, "final_value": state.final_value, "completed_at": state.ended_at or None}
 
-    async def _pump_until_done(self, request: HttpRequest, feed: Feed) -> None:
-        """Write the feed, raced against the client going away (uvicorn's send() never says),
-        and cut when its connection takes no bytes for ``write_stall_seconds``."""
+    async def _pump_until_done(
+        self, request: HttpRequest, feed: Source, write: Callable[[WriteStall], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Write the feed (or a multiplex of them) by ``write``, raced against the client going
+        away (uvicorn's send() never says), and cut when its connection takes no bytes for
+        ``write_stall_seconds``."""
         # A timer per connection, not a timeout per send: see WriteStall. Cancelling the pump
         # in uvicorn's send() is safe: it waits for the transport to drain before it writes
         # anything, so nothing is half-written, and the connection is aborted right after.
         stall = WriteStall(_transport(request), self.settings.write_stall_seconds)
         self.connections.add(stall)
         self.connections_opened += 1
-        pump = asyncio.create_task(self._pump(request, feed, stall))
+        pump = asyncio.create_task(write(stall))
         stall.start(pump.cancel)
         watch = asyncio.create_task(_wait_disconnect(request))
         try:

@@ -66,6 +66,8 @@ CATCH_UP_STREAMS = 1000
 REVALIDATE_SECONDS = 30.0
 #: Live messages a stream keeps while it is read; past this they are dropped and read again.
 BUFFER_LIMIT = 1000
+#: Builds a listener of a stream (its key): see :meth:`Hub.subscribe`.
+ListenerFactory = Callable[[bytes], Listener]
 #: The state record's fields that give a stream's position in Redis (HMGET, in this order).
 POSITION_FIELDS = [Field.EPOCH, Field.LAST_SEQ]
 
@@ -191,7 +193,8 @@ class Hub:
     # -- listeners ---------------------------------------------------------------------------
 
     def subscribe(
-        self, key: str, after: int, epoch: bytes = b"", seen: Sequence[Frame] = ()
+        self, key: str, after: int, epoch: bytes = b"", seen: Sequence[Frame] = (),
+        make: ListenerFactory | None = None,
     ) -> tuple[Listener, int]:
         """Listen to ``key`` from sequence ``after`` (of ``epoch``, when the caller knows it) on.
 
@@ -199,6 +202,8 @@ class Hub:
         past ``after``, the caller must read the events in between from Redis itself; events at
         or below the caller's position may still arrive and are the caller's to skip. ``seen``:
         frames the caller read up to ``after``, which start the window of a stream new here.
+        ``make``: builds the listener (one of a multiplexed connection's, say) instead of a
+        :class:`Listener` with the client queue's bounds.
         """
         bkey = key.encode()
         stream = self._streams.get(bkey)
@@ -211,7 +216,7 @@ class Hub:
             self._by_channel[stream.channel] = stream
             if self._started:
                 self._subscriber.add(stream.channel)
-        return self._listen(stream), stream.cursor
+        return self._listen(stream, make), stream.cursor
 
     def _usable_window(self, key: str) -> tuple[_Stream, Window] | None:
         stream = self._streams.get(key.encode())
@@ -228,7 +233,8 @@ class Hub:
         return usable[1].last if usable else 0
 
     def attach(
-        self, key: str, last_id: EventId | None, latest: bool, confirmed: Position
+        self, key: str, last_id: EventId | None, latest: bool, confirmed: Position,
+        budget: int | None = None, make: ListenerFactory | None = None,
     ) -> tuple[Listener, list[Frame]] | None:
         """Listen to a followed stream whose window holds everything the client lacks.
 
@@ -237,8 +243,9 @@ class Hub:
         that many events (else the stream was created anew or cut back under the hub, which
         is told to check its streams now). Returns the listener and the frames to send first
         (history up to the hub's position), or None when the window cannot tell, or when those
-        frames are more bytes than a client's history may hold (:func:`history_bytes`): then the
-        caller reads Redis. Nothing is awaited, so nothing can arrive in between.
+        frames are more bytes than a client's history may hold (:func:`history_bytes`, or
+        ``budget`` when smaller): then the caller reads Redis. Nothing is awaited, so nothing
+        can arrive in between. ``make``: as for :meth:`subscribe`.
         """
         usable = self._usable_window(key)
         if usable is None:
@@ -249,14 +256,18 @@ class Hub:
             self._check_now.set()
             return None
         frames = window.start_frames(last_id, latest)
-        if frames is None or frames_bytes(frames) > history_bytes(self._settings):
+        limit = history_bytes(self._settings) if budget is None else min(budget, history_bytes(self._settings))
+        if frames is None or frames_bytes(frames) > limit:
             # Too much to hold for one client at once (big frames): it reads Redis page by page.
             return None
         self.stats["window_hits"] += 1
-        return self._listen(stream), frames
+        return self._listen(stream, make), frames
 
-    def _listen(self, stream: _Stream) -> Listener:
-        listener = Listener(stream.key, self._settings.client_queue_size, self._settings.client_queue_bytes)
+    def _listen(self, stream: _Stream, make: ListenerFactory | None = None) -> Listener:
+        if make is None:
+            listener = Listener(stream.key, self._settings.client_queue_size, self._settings.client_queue_bytes)
+        else:
+            listener = make(stream.key)
         stream.listeners.add(listener)
         self.stats["subscribed"] += 1
         return listener

@@ -114,6 +114,8 @@ class Settings:
     #: Seconds a client may accept no bytes at all before it is cut (it resumes with
     #: Last-Event-ID).
     write_stall_seconds: float = 30.0
+    #: Tasks one multiplexed connection (``GET /streams?task=...``) may follow; more get 400.
+    max_tasks_per_stream: int = 100
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -116,7 +116,7 @@ def test_authorize_in_token_mode() -> None:
 
     def decide(token: str | None, *path: str | None, settings: Settings = TOKEN_MODE) -> Permit | Refusal:
         query = {} if token is None else {"token": token}
-        return authorize(settings, {}, query, path[0], str(path[1]), str(path[2]))
+        return authorize(settings, {}, query, (path[0], str(path[1]), str(path[2])))
 
     assert decide(None, "shop", "Job", "1") == Refusal(401, "a stream token is required: use the stream URL the application gave you")
     assert decide("junk", "shop", "Job", "1") == Refusal(401, "invalid stream token")
@@ -131,7 +131,7 @@ def test_authorize_in_token_mode() -> None:
 
 
 def test_authorize_in_public_mode_needs_no_token() -> None:
-    permit = authorize(Settings(stream_auth="public"), {}, {}, None, "Job", "1")
+    permit = authorize(Settings(stream_auth="public"), {}, {}, (None, "Job", "1"))
     assert permit == Permit(None, True) and permit.covers(OTHER)
 
 

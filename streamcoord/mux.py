@@ -1,0 +1,332 @@
+"""Many tasks on one connection: ``GET /streams?task=app.Model:pk&task=...``.
+
+A page that follows twenty tasks with twenty EventSources holds twenty of the six connections
+HTTP/1.1 gives it per origin. A :class:`Multiplex` serves them all on one: a :class:`Feed` per
+task, exactly as the single-task route's (history, then live events, resets), merged in the order
+their events reach the gateway. Each event keeps its type and data (``_task_id``, ``_model``,
+``_app`` say whose it is); its ``id:`` is the position of the whole connection, a composite id
+(:mod:`streamcoord.ids`): every task's last event sent. The browser sends the last one back as
+Last-Event-ID when it reconnects, and each task goes on after its own last event. A ``reset`` has
+no id, as on the single-task route, and names its task.
+
+One connection, one set of bounds: the feeds' listeners (:class:`Tributary`) hand their batches
+to the connection's :class:`Confluence`, one queue bounded like a single client's
+(``client_queue_size`` frames, ``client_queue_bytes`` bytes), written by one task, or straight
+to the connection while that task waits (:mod:`streamcoord.direct`). History is sent task by
+task, each holding at most its share of the client's history bytes at once. The response ends
+once every task has ended; a task that ends early just stops sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .codec import Frame
+from .direct import DirectWriter
+from .eventlog import EventLog
+from .feed import Feed
+from .hub import Hub
+from .ids import PART_SEPARATOR, EventId, composite_part
+from .keys import TaskRef
+from .listener import Batch, BatchKind, Listener
+from .stall import WriteStall
+from .window import history_bytes
+
+_EVENTS, _HEARTBEAT = BatchKind.EVENTS, BatchKind.HEARTBEAT
+_SEPARATOR = PART_SEPARATOR.encode()
+#: A task's history may hold no less than this at once, however many tasks share a connection.
+MIN_TASK_BUDGET = 16 * 1024
+#: Every listener of a connection gets the hub's heartbeat; one per this many seconds goes out.
+HEARTBEAT_GAP = 1.0
+
+
+class Composite:
+    """A multiplexed connection's position: each task's last event sent, as the ``id:`` of the
+    connection's events says it (:func:`streamcoord.ids.parse_composite_id` reads it back)."""
+
+    __slots__ = ("_parts", "_tags")
+
+    def __init__(self, tags: Sequence[str], given: dict[str, EventId]) -> None:
+        self._tags = [tag.encode() for tag in tags]
+        #: Each task's part, in the request's order; b"" until it was sent an event.
+        self._parts = [
+            composite_part(tag.encode(), given[tag].epoch.encode(), given[tag].seq) if tag in given else b""
+            for tag in tags
+        ]
+
+    def __str__(self) -> str:
+        return self._joined().decode()
+
+    def _joined(self) -> bytes:
+        return _SEPARATOR.join([part for part in self._parts if part])
+
+    def _frame(self, index: int, frame: bytes) -> bytes:
+        """``frame`` (``id: <epoch>-<seq>`` first) with the connection's id, task ``index``
+        moved to it."""
+        end = frame.index(b"\n")
+        epoch, _, seq = frame[4:end].rpartition(b"-")
+        self._parts[index] = composite_part(self._tags[index], epoch, seq)
+        return b"id: " + self._joined() + frame[end:]
+
+    def rewriter(self, index: int) -> Callable[[bytes], bytes]:
+        """What task ``index``'s feed gives each frame it sends (:attr:`Feed.rewrite`)."""
+        return lambda frame: self._frame(index, frame)
+
+    def frames(self, index: int, frames: Sequence[Frame]) -> tuple[bytes, bytes]:
+        """The bytes of task ``index``'s ``frames`` with the connection's ids, and its part
+        before them: give it to :meth:`undo` if they are not written after all."""
+        before = self._parts[index]
+        return b"".join([self._frame(index, frame.data) for frame in frames]), before
+
+    def undo(self, index: int, part: bytes) -> None:
+        self._parts[index] = part
+
+
+class Confluence:
+    """The listeners of one multiplexed connection, merged: one queue of ``(task index,
+    batch)``, bounded like a single client's, and the task that writes it.
+
+    Batches arrive from every task's stream in the order the hub hands them out, and go out in
+    that order. A connection that lets the queue fill up is cut (``closed`` is "overflow", the
+    writing task cancelled) and resumes from Redis with its composite Last-Event-ID, as a single
+    client does."""
+
+    __slots__ = (
+        "_beat", "_loop", "_waiter", "closed", "direct", "held_bytes", "items", "limit",
+        "limit_bytes", "over_bytes", "pending", "pending_bytes", "task",
+    )
+
+    def __init__(self, limit: int, limit_bytes: int) -> None:
+        self.limit = limit
+        self.limit_bytes = limit_bytes
+        self.items: list[tuple[int, Batch]] = []
+        self.pending = 0  # frames in ``items`` (a batch without frames counts as one)
+        self.pending_bytes = 0  # the hub's bytes of ``items``, plus ``held_bytes``
+        self.held_bytes = 0
+        self.closed: str | None = None
+        self.over_bytes = False
+        #: The task writing the connection; cancelled when the queue overflows.
+        self.task: asyncio.Task[Any] | None = None
+        #: Writes a task's batch straight to the client while the task waits in :meth:`take`.
+        self.direct: Callable[[int, Batch], bool] | None = None
+        self._beat = 0.0  # when the last heartbeat was let through
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def maker(self, index: int) -> Callable[[bytes], Listener]:
+        """Builds task ``index``'s listener (:data:`streamcoord.hub.ListenerFactory`)."""
+        return lambda key: Tributary(key, self, index)
+
+    def push(self, index: int, batch: Batch) -> None:
+        if self.closed:
+            return
+        if batch.kind is _HEARTBEAT:  # each listener gets one: the connection needs one
+            now = time.monotonic()
+            if now - self._beat < HEARTBEAT_GAP:
+                return
+            self._beat = now
+        if self.direct is not None and self._waiter is not None:
+            # As Listener.push: the writer waits with everything before written, so what is
+            # queued, then this batch, may go out now, in order.
+            if self.items:
+                self._write_queued()
+            if not self.items and self.direct(index, batch):
+                return
+        if self.pending >= self.limit or self.pending_bytes >= self.limit_bytes:
+            self.over_bytes = self.pending < self.limit
+            self.close("overflow")
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self.items.append((index, batch))
+        self.pending += len(batch.frames) or 1
+        self.pending_bytes += len(batch.data)
+        self._wake()
+
+    def _write_queued(self) -> None:
+        assert self.direct is not None
+        written = 0
+        for index, queued in self.items:
+            if not self.direct(index, queued):
+                break
+            written += 1
+            self.pending -= len(queued.frames) or 1
+            self.pending_bytes -= len(queued.data)
+        if written:
+            del self.items[:written]
+
+    def hold(self, size: int) -> None:
+        """As :meth:`streamcoord.listener.Listener.hold`, for the whole connection."""
+        self.held_bytes += size
+        self.pending_bytes += size
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = reason
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[tuple[int, Batch]]:
+        """Wait for batches and take all of them (empty once closed)."""
+        while not self.items and not self.closed:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.closed:
+            return []  # shut down (or cut: the writer is cancelled): the client resumes
+        taken, self.items, self.pending = self.items, [], 0
+        self.pending_bytes = self.held_bytes
+        return taken
+
+
+class Tributary(Listener):
+    """One task's listener on a multiplexed connection: what the hub hands it goes to the
+    connection's :class:`Confluence`."""
+
+    __slots__ = ("confluence", "index")
+
+    def __init__(self, key: bytes, confluence: Confluence, index: int) -> None:
+        super().__init__(key, confluence.limit, confluence.limit_bytes)
+        self.confluence = confluence
+        self.index = index
+
+    def push(self, batch: Batch) -> None:
+        if not self.closed:
+            self.confluence.push(self.index, batch)
+
+    def hold(self, size: int) -> None:
+        self.confluence.hold(size)
+
+    def close(self, reason: str) -> None:
+        super().close(reason)
+        if reason != "unsubscribed":  # the hub shuts down: the whole connection ends
+            self.confluence.close(reason)
+
+
+class Multiplex:
+    """One connection's tasks: a feed each, written to the client in one response."""
+
+    def __init__(self, refs: Sequence[TaskRef], tags: Sequence[str], given: dict[str, EventId],
+                 limit: int, limit_bytes: int) -> None:
+        self.refs = list(refs)
+        self.confluence = Confluence(limit, limit_bytes)
+        self.composite = Composite(tags, given)
+        self.feeds: list[Feed] = []
+
+    @classmethod
+    async def open(
+        cls, log: EventLog, hub: Hub, refs: Sequence[TaskRef], tags: Sequence[str],
+        given: dict[str, EventId],
+    ) -> Multiplex:
+        """Find where the client starts in each task (``given``: its last events, by tag).
+        Raises :class:`streamcoord.errors.UnknownTask` for a task with neither a state record
+        nor events (and Redis's errors), having closed what it opened."""
+        settings = log.settings
+        mux = cls(refs, tags, given, settings.client_queue_size, settings.client_queue_bytes)
+        budget = max(history_bytes(settings) // 2 // len(refs), MIN_TASK_BUDGET)
+        opened = await asyncio.gather(
+            *(
+                Feed.open(log, hub, ref, last_id=given.get(tag), budget=budget, make=mux.confluence.maker(index))
+                for index, (ref, tag) in enumerate(zip(refs, tags, strict=True))
+            ),
+            return_exceptions=True,
+        )
+        failure = next((result for result in opened if isinstance(result, BaseException)), None)
+        feeds = [result for result in opened if isinstance(result, Feed)]
+        if failure is not None:
+            for feed in feeds:
+                feed.close()
+            raise failure
+        for index, feed in enumerate(feeds):
+            feed.rewrite = mux.composite.rewriter(index)
+        mux.feeds = feeds
+        return mux
+
+    @property
+    def listener(self) -> Confluence:
+        """What the gateway asks why the connection was closed (as a feed's listener)."""
+        return self.confluence
+
+    @property
+    def ref(self) -> str:
+        return f"{len(self.refs)} tasks ({self.refs[0]}, ...)" if len(self.refs) > 1 else str(self.refs[0])
+
+    @property
+    def ended(self) -> bool:
+        """Every task's terminal event is out."""
+        return all(feed.ended for feed in self.feeds)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to send at all: the client has every task's terminal event."""
+        return all(feed.empty for feed in self.feeds)
+
+    def close(self) -> None:
+        for feed in self.feeds:
+            feed.close()
+
+    async def pump(self, request: Any, stall: WriteStall) -> None:
+        """Write every task's history, task by task, then their live events as they come, until
+        every task has ended (or the connection is cut: overflow, shutdown)."""
+        confluence = self.confluence
+        confluence.task = asyncio.current_task()
+        for feed in self.feeds:
+            async for chunk in feed.history():
+                await request.send(chunk)
+                stall.written += len(chunk)
+            if feed.ended:
+                feed.close()  # it stops listening; the others go on
+        writer = DirectWriter.of(request._send, None, stall)
+        if writer is not None:
+            confluence.direct = self._direct(writer)
+        try:
+            while not self.ended:
+                items = await confluence.take()
+                if not items:
+                    return  # shut down
+                out: list[bytes] = []
+                for index, batch in items:
+                    feed = self.feeds[index]
+                    if batch.kind is _HEARTBEAT:
+                        out.append(batch.data)
+                    elif not feed.ended:
+                        await feed.absorb((batch,), out)
+                        if feed.ended:
+                            feed.close()
+                if out:
+                    chunk = b"".join(out)
+                    await request.send(chunk)
+                    stall.written += len(chunk)
+        finally:
+            confluence.direct = None
+        await request.send(b"", more=False)  # every task's terminal event is out
+
+    def _direct(self, writer: DirectWriter) -> Callable[[int, Batch], bool]:
+        feeds, composite = self.feeds, self.composite
+
+        def write(index: int, batch: Batch) -> bool:
+            kind = batch.kind
+            if kind is _HEARTBEAT:
+                return writer.write(batch.data)
+            feed = feeds[index]
+            if kind is not _EVENTS or not feed.follows(batch):
+                return False
+            data, before = composite.frames(index, batch.frames)
+            if not writer.write(data):
+                composite.undo(index, before)
+                return False
+            feed.sent(batch)
+            return True
+
+        return write
