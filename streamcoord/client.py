@@ -8,6 +8,9 @@
     for event in iter_task_events("http://gateway", "Report", 42, uds="/run/sc/gw.sock"):
         ...  # the same, for scripts and the shell
 
+    async for event in stream_tasks("http://gateway:8001", ["shop.Report:42", "shop.Export:7"]):
+        print(event.task, event.event, event.seq)  # many tasks on one connection (GET /streams)
+
 The client remembers the last event id; after a dropped connection (a transport error, the
 response ending before a terminal event, a gateway shutting down, a 408/429/502/503/504 answer)
 it waits and reconnects with ``Last-Event-ID``, so no event is lost or yielded twice. It stops

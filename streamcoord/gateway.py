@@ -294,6 +294,8 @@ class Gateway:
         return {
             "gateway_id": self.hub.gateway_id,
             "listeners": self.hub.listener_count,
+            # Open stream responses: one per client connection, however many tasks it follows.
+            "stream_connections": len(self.connections),
             "streams": self.hub.stream_count,
             # Followed streams not live yet: subscribing, or read to fill a gap.
             "streams_catching_up": self.hub.catching_up_count,

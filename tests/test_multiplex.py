@@ -327,3 +327,24 @@ async def test_a_slow_multiplexed_client_is_cut_and_resumes(
     got, ended = await asyncio.wait_for(read_until(gateway, streams_path(tasks), {}, None), 60)
     tally.take(got)
     assert ended and tally.problems({ref.label: 401 for ref in tasks}) == []
+
+
+async def test_a_start_granting_token_starts_every_pending_task_it_follows(project: Any, redis: Redis) -> None:
+    """The predecessor's lazy start, on a multiplexed connection: the first client of created
+    tasks starts them (a token without ``start`` only watches)."""
+    settings = {"stream_auth": "token", "secret": SECRET}
+    gateway = project.gateway(**settings)
+    project.worker(**settings)
+    created = [project.create_task("ProgressTask", "steps=3", "delay=0.01", secret=SECRET) for _ in range(3)]
+    tasks = [TaskRef(c["app_label"], c["model"], str(c["id"])) for c in created]
+    path = streams_path(tasks)
+    async with http(gateway) as client:  # a watcher's token starts nothing
+        head = await client.head(f"{path}&token={mint(SECRET, tasks, expires_in=60)}")
+    assert head.status_code == 200
+    assert await redis.xlen("sc:jobs") == 0
+    starter = mint(SECRET, tasks, expires_in=60, start=True)
+    got, ended = await asyncio.wait_for(read_until(gateway, f"{path}&token={starter}", {}, None), 60)
+    tally = Tally(tasks)
+    tally.take(got)
+    assert ended and tally.ended == {ref.label for ref in tasks}
+    assert all(seqs and seqs == list(range(1, len(seqs) + 1)) for seqs in tally.seqs.values())
