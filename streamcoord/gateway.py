@@ -373,6 +373,22 @@ class Gateway:
         )
         if isinstance(permit, Refusal):
             return self._refuse(permit)
+        try:  # its shape, before anything reaches Redis; which tasks it names, below
+            given = composite_event_id(request, limit)
+        except InvalidEventId as exc:
+            return text(400, str(exc))
+        canonical: list[TaskRef] = []
+        for ref in refs:  # (a few models, their names cached: no Redis read each)
+            resolved = await self.registry.resolve(ref.app_label, ref.model)
+            if resolved is None:
+                return text(404, f"unknown model {excerpt(ref.model_label)}")
+            named = TaskRef(resolved[0], resolved[1], ref.pk)
+            if not permit.covers(named):
+                return self._refuse(Refusal(403, f"this stream token does not grant this stream ({named})"))
+            canonical.append(named)
+        refs = list(dict.fromkeys(canonical))  # (the same task named in two spellings: once)
+        # Tags of the names events carry (``_app``, ``_model``, ``_task_id``), as the
+        # application names its tasks: what a client computes them from.
         tags = [task_tag(ref.label) for ref in refs]
         if len(set(tags)) < len(tags):
             first, second = (ref for ref, tag in zip(refs, tags, strict=True) if tags.count(tag) > 1)
@@ -380,27 +396,14 @@ class Gateway:
                 400, f"tasks {first} and {second} cannot share one connection (their tags in event"
                 " ids are the same): follow them on two",
             )
-        try:
-            given = composite_event_id(request, limit)
-        except InvalidEventId as exc:
-            return text(400, str(exc))
         stranger = next((tag for tag in given if tag not in tags), None)
         if stranger is not None:
             return text(
                 400, f"the Last-Event-ID names a task this request does not follow (tag {stranger}):"
                 " drop its part when you stop following a task",
             )
-        resolved_refs = []
-        for ref in refs:  # (a few models, their names cached: no Redis read each)
-            resolved = await self.registry.resolve(ref.app_label, ref.model)
-            if resolved is None:
-                return text(404, f"unknown model {excerpt(ref.model_label)}")
-            canonical = TaskRef(resolved[0], resolved[1], ref.pk)
-            if not permit.covers(canonical):
-                return self._refuse(Refusal(403, f"this stream token does not grant this stream ({canonical})"))
-            resolved_refs.append(canonical)
         try:
-            mux = await Multiplex.open(self.log, self.hub, resolved_refs, tags, given)
+            mux = await Multiplex.open(self.log, self.hub, refs, tags, given)
         except UnknownTask as exc:
             return text(404, str(exc).replace("no task", "unknown task"))
         try:

@@ -235,18 +235,24 @@ class Multiplex:
         settings = log.settings
         mux = cls(refs, tags, given, settings.client_queue_size, settings.client_queue_bytes)
         budget = max(history_bytes(settings) // 2 // len(refs), MIN_TASK_BUDGET)
-        opened = await asyncio.gather(
-            *(
+        opening = [
+            asyncio.ensure_future(
                 Feed.open(log, hub, ref, last_id=given.get(tag), budget=budget, make=mux.confluence.maker(index))
-                for index, (ref, tag) in enumerate(zip(refs, tags, strict=True))
-            ),
-            return_exceptions=True,
-        )
-        failure = next((result for result in opened if isinstance(result, BaseException)), None)
-        feeds = [result for result in opened if isinstance(result, Feed)]
+            )
+            for index, (ref, tag) in enumerate(zip(refs, tags, strict=True))
+        ]
+        try:
+            await asyncio.wait(opening)
+        finally:  # also when cancelled: a feed that opened listens, and must let go
+            for future in opening:
+                future.cancel()  # (a no-op for those done)
+            done = [f for f in opening if f.done() and not f.cancelled()]
+            failure = next((f.exception() for f in done if f.exception() is not None), None)
+            feeds = [f.result() for f in done if f.exception() is None]
+            if failure is not None or len(feeds) < len(opening):
+                for feed in feeds:
+                    feed.close()
         if failure is not None:
-            for feed in feeds:
-                feed.close()
             raise failure
         for index, feed in enumerate(feeds):
             feed.rewrite = mux.composite.rewriter(index)

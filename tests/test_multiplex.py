@@ -348,3 +348,15 @@ async def test_a_start_granting_token_starts_every_pending_task_it_follows(proje
     tally.take(got)
     assert ended and tally.ended == {ref.label for ref in tasks}
     assert all(seqs and seqs == list(range(1, len(seqs) + 1)) for seqs in tally.seqs.values())
+
+
+async def test_tasks_are_named_in_any_case_once_and_tagged_by_their_own_names(
+    event_log: EventLog, gateway: Gateway
+) -> None:
+    tasks = refs(2)
+    await publish_all(event_log, tasks, 1)
+    path = "/streams?task=SHOP.job:1&task=shop.Job:1&task=shop.JOB:2"
+    got, ended = await asyncio.wait_for(read_until(gateway, path, {}, None), 20)
+    tally = Tally(tasks)  # tags of shop.Job:1 and shop.Job:2, as the events name them
+    tally.take(got)
+    assert ended and tally.problems({ref.label: 2 for ref in tasks}) == []
