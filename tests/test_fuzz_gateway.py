@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from streamcoord.eventlog import EventLog
-from streamcoord.ids import EventId
+from streamcoord.ids import EventId, task_tag
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.registry import register_models
 from streamcoord.settings import Settings
@@ -351,7 +351,9 @@ SEGMENTS = st.one_of(
 def targets(draw: st.DrawFn) -> bytes:
     """A request target: mostly stream paths built around a real task, some other routes, some
     junk (which may not even be a valid request line)."""
-    kind = draw(st.sampled_from(["stream"] * 6 + ["route", "junk"]))
+    kind = draw(st.sampled_from(["stream"] * 6 + ["streams"] * 2 + ["route", "junk"]))
+    if kind == "streams":  # its tasks come with the query (TASK_PARAMS)
+        return draw(st.sampled_from([b"/streams", b"/streams", b"/streams/", b"/streams//", b"/STREAMS"]))
     if kind == "route":
         return draw(st.sampled_from([
             b"/health", b"/ready", b"/stats", b"/", b"*", b"/stream", b"/stream/", b"/health/",
@@ -379,7 +381,23 @@ def targets(draw: st.DrawFn) -> bytes:
     return ("/stream/" + path + slash).encode()
 
 
+#: Composite ids (GET /streams): parts of real tasks' tags, with any epoch and sequence.
+COMPOSITE_IDS = st.lists(
+    st.builds(
+        lambda ref, epoch, seq: f"{task_tag(ref.label)}-{epoch}-{seq}",
+        st.sampled_from(TASKS), st.sampled_from(["3f9a02bc", "x", "0123456789abcdef0"]),
+        st.sampled_from(["1", "2", "0", "999999999999999", "1e3"]),
+    ),
+    min_size=1, max_size=5,
+).map(".".join)
+TASK_PARAMS = st.tuples(
+    st.just("task"),
+    st.one_of(st.sampled_from([ref.label for ref in TASKS]), st.sampled_from(["shop.job:1", "Job:1", "shop.Job"]), ANY_TEXT),
+)
 QUERY_PARAMS = st.one_of(
+    TASK_PARAMS,
+    TASK_PARAMS,
+    st.tuples(st.just("last_event_id"), COMPOSITE_IDS),
     st.tuples(
         st.just("replay"),
         st.one_of(st.sampled_from(["all", "latest", "", "ALL", "none", "latest "]), ANY_TEXT),
@@ -423,7 +441,7 @@ def headers(draw: st.DrawFn) -> tuple[tuple[bytes, Value], ...]:
     if draw(st.booleans()):
         found.append((draw(st.sampled_from([b"Accept", b"accept", b"ACCEPT"])), draw(ACCEPT)))
     if draw(st.integers(0, 2)) == 2:
-        found.append((b"Last-Event-ID", draw(st.one_of(EVENT_IDS, HEADER_BYTES))))
+        found.append((b"Last-Event-ID", draw(st.one_of(EVENT_IDS, COMPOSITE_IDS, HEADER_BYTES))))
     if draw(st.integers(0, 2)) == 2:
         auth = st.builds(Auth, AUTH_SCHEMES, TOKENS)
         found.append((b"Authorization", draw(st.one_of(auth, HEADER_BYTES))))
