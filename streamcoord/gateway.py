@@ -420,14 +420,22 @@ class Gateway:
                     await self._lazy_start(feed.ref, permit)
         if mux.empty:
             return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
+        await self._event_stream(request, cors_headers, mux, lambda stall: mux.pump(request, stall))
+        return None
+
+    async def _event_stream(
+        self, request: HttpRequest, cors_headers: dict[str, str], source: Source,
+        write: Callable[[WriteStall], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Answer with an event stream: its head and opening lines, then what ``write`` writes
+        of ``source`` until it ends (nothing more for a HEAD)."""
         await request.accept(200, merge_headers(SSE_HEADERS, cors_headers))
         if request.method == "HEAD":
             await request.send(b"", more=False)
-            return None
+            return
         await request.send(self._open_chunk)
         self._closed_bytes += len(self._open_chunk)
-        await self._pump_until_done(request, mux, lambda stall: mux.pump(request, stall))
-        return None
+        await self._pump_until_done(request, source, write)
 
     async def _lazy_start(self, ref: TaskRef, permit: Permit) -> None:
         """The predecessor's lazy start: the first client of a created task starts it. The
@@ -454,13 +462,7 @@ class Gateway:
             return 200, SUMMARY_HEADERS, json.dumps(self._summary(feed))
         if feed.empty:
             return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
-        await request.accept(200, merge_headers(SSE_HEADERS, cors_headers))
-        if request.method == "HEAD":
-            await request.send(b"", more=False)
-            return None
-        await request.send(self._open_chunk)
-        self._closed_bytes += len(self._open_chunk)
-        await self._pump_until_done(request, feed, lambda stall: self._pump(request, feed, stall))
+        await self._event_stream(request, cors_headers, feed, lambda stall: self._pump(request, feed, stall))
         return None
 
     @staticmethod

@@ -17,7 +17,7 @@ import asyncio
 import enum
 import sys
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from . import sse
 from .codec import Frame
@@ -64,8 +64,12 @@ HEARTBEAT = Batch(BatchKind.HEARTBEAT, (), sse.HEARTBEAT, b"", 0, 0, False)
 REWIND = Batch(BatchKind.REWIND, (), b"", b"", 0, 0, False)
 
 
-class Listener:
-    """One client's bounded queue of batches from one stream.
+Item = TypeVar("Item")
+
+
+class BoundedQueue(Generic[Item]):
+    """A client's bounded queue of items (batches, or batches of one of its tasks), which the
+    task writing to the client takes.
 
     The bounds are checked when a batch arrives: a client still holding ``limit`` frames, or
     ``limit_bytes`` bytes, it has not taken is not keeping up. A client that keeps up takes
@@ -74,15 +78,14 @@ class Listener:
     """
 
     __slots__ = (
-        "_loop", "_waiter", "batches", "closed", "direct", "held_bytes", "key", "limit",
-        "limit_bytes", "over_bytes", "pending", "pending_bytes", "task",
+        "_loop", "_waiter", "batches", "closed", "held_bytes", "limit", "limit_bytes", "over_bytes",
+        "pending", "pending_bytes", "task",
     )
 
-    def __init__(self, key: bytes, limit: int, limit_bytes: int = sys.maxsize) -> None:
-        self.key = key
+    def __init__(self, limit: int, limit_bytes: int = sys.maxsize) -> None:
         self.limit = limit
         self.limit_bytes = limit_bytes
-        self.batches: list[Batch] = []
+        self.batches: list[Item] = []
         self.pending = 0  # frames in ``batches`` (a batch without frames counts as one)
         #: Bytes in ``batches``, plus ``held_bytes``.
         self.pending_bytes = 0
@@ -92,51 +95,41 @@ class Listener:
         # and Event.wait looks up the running loop each time (a getpid() system call on 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
-        #: Why the listener was closed ("overflow", "shutdown"), or None while open.
+        #: Why the queue was closed ("overflow", "shutdown"), or None while open.
         self.closed: str | None = None
         #: It overflowed its bound in bytes, not in frames (the metrics' reason for the cut).
         self.over_bytes = False
-        #: The task writing this listener's frames; cancelled when the listener overflows.
+        #: The task writing this queue's frames; cancelled when the queue overflows.
         self.task: asyncio.Task[Any] | None = None
-        #: Writes a batch straight to the client while its task waits in :meth:`take`, and
-        #: says whether it did (:class:`streamcoord.direct.DirectWriter`); None: always queue.
-        self.direct: Callable[[Batch], bool] | None = None
 
-    def push(self, batch: Batch) -> None:
-        """Queue a batch (or write it directly: see :attr:`direct`), or close the listener if
-        it is not keeping up."""
-        if self.closed:
-            return
-        if self.direct is not None and self._waiter is not None:
-            # The task is inside take(): waiting, or woken and not yet run. Everything it was
-            # handed before is written, so what is queued, then this batch, may go out now, in
-            # order, as far as the writer can take them; a busy loop that woke the task for an
-            # earlier batch still writes later ones directly (the task then finds nothing and
-            # waits again), instead of queueing more behind it.
-            if self.batches:
-                self._write_queued()
-            if not self.batches and self.direct(batch):
-                return
+    @staticmethod
+    def _batch(item: Item) -> Batch:
+        """The batch an item carries."""
+        raise NotImplementedError
+
+    def _admit(self, item: Item, batch: Batch) -> None:
+        """Queue ``item`` (carrying ``batch``), or close the queue if it is not keeping up."""
         if self.pending >= self.limit or self.pending_bytes >= self.limit_bytes:
             self.over_bytes = self.pending < self.limit
             self.close("overflow")
             if self.task is not None:
                 self.task.cancel()
             return
-        self.batches.append(batch)
+        self.batches.append(item)
         self.pending += len(batch.frames) or 1
         self.pending_bytes += len(batch.data)
         self._wake()
 
-    def _write_queued(self) -> None:
-        assert self.direct is not None
+    def _write_queued(self, write: Callable[[Item], bool]) -> None:
+        """Hand the queued items to ``write``, in order, as far as it takes them."""
         written = 0
         for queued in self.batches:
-            if not self.direct(queued):
+            if not write(queued):
                 break
             written += 1
-            self.pending -= len(queued.frames) or 1
-            self.pending_bytes -= len(queued.data)
+            batch = self._batch(queued)
+            self.pending -= len(batch.frames) or 1
+            self.pending_bytes -= len(batch.data)
         if written:
             del self.batches[:written]
 
@@ -157,8 +150,8 @@ class Listener:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def take(self) -> list[Batch]:
-        """Wait for batches and take all of them (empty once closed and drained)."""
+    async def take(self) -> list[Item]:
+        """Wait for items and take all of them (empty once closed and drained)."""
         while not self.batches and not self.closed:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
@@ -170,3 +163,37 @@ class Listener:
         taken, self.batches, self.pending = self.batches, [], 0
         self.pending_bytes = self.held_bytes
         return taken
+
+
+class Listener(BoundedQueue[Batch]):
+    """One client's bounded queue of batches from one stream (see :class:`BoundedQueue`)."""
+
+    __slots__ = ("direct", "key")
+
+    def __init__(self, key: bytes, limit: int, limit_bytes: int = sys.maxsize) -> None:
+        super().__init__(limit, limit_bytes)
+        self.key = key
+        #: Writes a batch straight to the client while its task waits in :meth:`take`, and
+        #: says whether it did (:class:`streamcoord.direct.DirectWriter`); None: always queue.
+        self.direct: Callable[[Batch], bool] | None = None
+
+    @staticmethod
+    def _batch(item: Batch) -> Batch:
+        return item
+
+    def push(self, batch: Batch) -> None:
+        """Queue a batch (or write it directly: see :attr:`direct`), or close the listener if
+        it is not keeping up."""
+        if self.closed:
+            return
+        if self.direct is not None and self._waiter is not None:
+            # The task is inside take(): waiting, or woken and not yet run. Everything it was
+            # handed before is written, so what is queued, then this batch, may go out now, in
+            # order, as far as the writer can take them; a busy loop that woke the task for an
+            # earlier batch still writes later ones directly (the task then finds nothing and
+            # waits again), instead of queueing more behind it.
+            if self.batches:
+                self._write_queued(self.direct)
+            if not self.batches and self.direct(batch):
+                return
+        self._admit(batch, batch)

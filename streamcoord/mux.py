@@ -31,7 +31,7 @@ from .feed import Feed
 from .hub import Hub
 from .ids import PART_SEPARATOR, EventId, composite_part
 from .keys import TaskRef
-from .listener import Batch, BatchKind, Listener
+from .listener import Batch, BatchKind, BoundedQueue, Listener
 from .stall import WriteStall
 from .window import history_bytes
 
@@ -85,7 +85,7 @@ class Composite:
         self._parts[index] = part
 
 
-class Confluence:
+class Confluence(BoundedQueue[tuple[int, Batch]]):
     """The listeners of one multiplexed connection, merged: one queue of ``(task index,
     batch)``, bounded like a single client's, and the task that writes it.
 
@@ -94,27 +94,17 @@ class Confluence:
     writing task cancelled) and resumes from Redis with its composite Last-Event-ID, as a single
     client does."""
 
-    __slots__ = (
-        "_beat", "_loop", "_waiter", "closed", "direct", "held_bytes", "items", "limit",
-        "limit_bytes", "over_bytes", "pending", "pending_bytes", "task",
-    )
+    __slots__ = ("_beat", "direct")
 
     def __init__(self, limit: int, limit_bytes: int) -> None:
-        self.limit = limit
-        self.limit_bytes = limit_bytes
-        self.items: list[tuple[int, Batch]] = []
-        self.pending = 0  # frames in ``items`` (a batch without frames counts as one)
-        self.pending_bytes = 0  # the hub's bytes of ``items``, plus ``held_bytes``
-        self.held_bytes = 0
-        self.closed: str | None = None
-        self.over_bytes = False
-        #: The task writing the connection; cancelled when the queue overflows.
-        self.task: asyncio.Task[Any] | None = None
+        super().__init__(limit, limit_bytes)
         #: Writes a task's batch straight to the client while the task waits in :meth:`take`.
-        self.direct: Callable[[int, Batch], bool] | None = None
+        self.direct: Callable[[tuple[int, Batch]], bool] | None = None
         self._beat = 0.0  # when the last heartbeat was let through
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _batch(item: tuple[int, Batch]) -> Batch:
+        return item[1]
 
     def maker(self, index: int) -> Callable[[bytes], Listener]:
         """Builds task ``index``'s listener (:data:`streamcoord.hub.ListenerFactory`)."""
@@ -128,66 +118,21 @@ class Confluence:
             if now - self._beat < HEARTBEAT_GAP:
                 return
             self._beat = now
+        item = (index, batch)
         if self.direct is not None and self._waiter is not None:
             # As Listener.push: the writer waits with everything before written, so what is
             # queued, then this batch, may go out now, in order.
-            if self.items:
-                self._write_queued()
-            if not self.items and self.direct(index, batch):
+            if self.batches:
+                self._write_queued(self.direct)
+            if not self.batches and self.direct(item):
                 return
-        if self.pending >= self.limit or self.pending_bytes >= self.limit_bytes:
-            self.over_bytes = self.pending < self.limit
-            self.close("overflow")
-            if self.task is not None:
-                self.task.cancel()
-            return
-        self.items.append((index, batch))
-        self.pending += len(batch.frames) or 1
-        self.pending_bytes += len(batch.data)
-        self._wake()
-
-    def _write_queued(self) -> None:
-        assert self.direct is not None
-        written = 0
-        for index, queued in self.items:
-            if not self.direct(index, queued):
-                break
-            written += 1
-            self.pending -= len(queued.frames) or 1
-            self.pending_bytes -= len(queued.data)
-        if written:
-            del self.items[:written]
-
-    def hold(self, size: int) -> None:
-        """As :meth:`streamcoord.listener.Listener.hold`, for the whole connection."""
-        self.held_bytes += size
-        self.pending_bytes += size
-
-    def close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = reason
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._admit(item, batch)
 
     async def take(self) -> list[tuple[int, Batch]]:
-        """Wait for batches and take all of them (empty once closed)."""
-        while not self.items and not self.closed:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if self.closed:
-            return []  # shut down (or cut: the writer is cancelled): the client resumes
-        taken, self.items, self.pending = self.items, [], 0
-        self.pending_bytes = self.held_bytes
-        return taken
+        """Wait for batches and take all of them (none once closed: shut down, or cut, its
+        writer cancelled; the client resumes)."""
+        taken = await super().take()
+        return [] if self.closed else taken
 
 
 class Tributary(Listener):
@@ -318,10 +263,11 @@ class Multiplex:
             confluence.direct = None
         await request.send(b"", more=False)  # every task's terminal event is out
 
-    def _direct(self, writer: DirectWriter) -> Callable[[int, Batch], bool]:
+    def _direct(self, writer: DirectWriter) -> Callable[[tuple[int, Batch]], bool]:
         feeds, composite = self.feeds, self.composite
 
-        def write(index: int, batch: Batch) -> bool:
+        def write(item: tuple[int, Batch]) -> bool:
+            index, batch = item
             kind = batch.kind
             if kind is _HEARTBEAT:
                 return writer.write(batch.data)

@@ -90,15 +90,18 @@ class Tally:
         ]
 
 
-async def publish_all(log: EventLog, tasks: list[TaskRef], events: int, *, pause: float = 0.0) -> None:
-    """``events`` progress events to every task, interleaved, then a ``complete`` each."""
+async def publish_all(
+    log: EventLog, tasks: list[TaskRef], events: int, *, pause: float = 0.0, start: int = 1, end: bool = True
+) -> None:
+    """Progress events ``start``..``events`` to every task, interleaved, then (``end``) a
+    ``complete`` each."""
     writers = [log.writer(ref) for ref in tasks]
-    for step in range(1, events + 1):
+    for step in range(start, events + 1):
         for writer in writers:
             await writer.append("progress", {"step": step})
         if pause:
             await asyncio.sleep(pause)
-    for writer in writers:
+    for writer in writers if end else ():
         await writer.append("complete", {"done": True}, final_value=events)
 
 
@@ -182,7 +185,8 @@ async def test_the_python_client_follows_many_tasks_and_resumes_by_itself(
     event_log: EventLog, gateway: Gateway
 ) -> None:
     tasks = refs(5)
-    writing = asyncio.create_task(publish_all(event_log, tasks, 20, pause=0.01))
+    await publish_all(event_log, tasks, 1, end=False)  # every task exists before any client
+    writing = asyncio.create_task(publish_all(event_log, tasks, 20, pause=0.01, start=2))
     got: list[TaskEvent] = []
     # A first connection taken over by a second one, from the first's composite id.
     async for event in stream_tasks("http://gateway", tasks[:3], uds=str(gateway.socket)):
@@ -206,7 +210,8 @@ async def test_a_gateway_restart_mid_stream_loses_nothing(
 ) -> None:
     tasks = refs(10)
     first, second = gateway_factory(), gateway_factory()
-    writing = asyncio.create_task(publish_all(event_log, tasks, 40, pause=0.02))
+    await publish_all(event_log, tasks, 1, end=False)  # every task exists before any client
+    writing = asyncio.create_task(publish_all(event_log, tasks, 40, pause=0.02, start=2))
     tally = Tally(tasks)
     got, _ = await asyncio.wait_for(read_until(first, streams_path(tasks), {}, 50), 30)
     tally.take(got)

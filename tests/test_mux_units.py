@@ -100,7 +100,8 @@ async def test_a_waiting_writer_is_handed_batches_directly_in_order() -> None:
     written: list[tuple[int, int]] = []
     refuse = {"next": True}
 
-    def direct(index: int, batch: Batch) -> bool:
+    def direct(item: tuple[int, Batch]) -> bool:
+        index, batch = item
         if refuse["next"]:
             refuse["next"] = False
             return False  # e.g. the transport paused: queued instead
@@ -114,7 +115,7 @@ async def test_a_waiting_writer_is_handed_batches_directly_in_order() -> None:
     listener.push(make_batch([frame(1)]))  # refused: queued, the writer woken
     listener.push(make_batch([frame(2)]))  # the queued one first, then this one, directly
     assert written == [(1, 1), (1, 2)]
-    assert confluence.items == []
+    assert confluence.batches == []
     confluence.close("shutdown")
     assert await asyncio.wait_for(waiting, 1) == []
 
