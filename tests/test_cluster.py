@@ -45,12 +45,14 @@ from .rawsse import RawSSE, SSEEvent
 from .topologies import HOST, Cluster
 from .workloads import (
     Follower,
+    Tally,
     assert_gap_free,
     create_tasks_streamed,
     delivery_problems,
     gateway_stats,
     logs,
     project_on,
+    read_until,
     row,
     stream,
     stream_path,
@@ -543,4 +545,33 @@ async def test_pubsub_faults_on_a_cluster_lose_and_repeat_nothing(tmp_path: Path
         await subscriber.aclose()
         await redis.aclose()
         await nodes.aclose()
+        cluster.stop()
+
+
+async def test_many_tasks_on_one_connection_over_the_cluster_cut_and_resumed(tmp_path: Path) -> None:
+    """GET /streams on the cluster: 30 running tasks, their keys on every master, followed on
+    one connection through two gateways, cut 8 times; every task's events exactly once."""
+    cluster = Cluster(tmp_path / "cluster").start()
+    try:
+        with project_on(tmp_path / "project", cluster.url) as project:
+            gateways = [project.gateway("gw1"), project.gateway("gw2")]
+            project.worker("w1", concurrency=50)
+            steps = 15
+            created = [c async for c in create_tasks_streamed(project, 30, "ProgressTask", f"steps={steps}", "delay=0.2")]
+            tasks = [TaskRef(c["app_label"], c["model"], str(c["id"])) for c in created]
+            owners = cluster.slot_owners()
+            assert len({owners[key_slot(KEYS.events(ref).encode())] for ref in tasks}) == 3
+            path = "/streams?" + "&".join(f"task={ref.label}" for ref in tasks)
+            tally = Tally(tasks)
+            for cut in range(8):
+                headers = {"Last-Event-ID": tally.last_id} if tally.last_id else {}
+                got, ended = await asyncio.wait_for(read_until(gateways[cut % 2], path, headers, 40), 60)
+                tally.take(got)
+                assert not ended
+            headers = {"Last-Event-ID": tally.last_id}
+            got, ended = await asyncio.wait_for(read_until(gateways[0], path, headers, None), 120)
+            tally.take(got)
+            assert ended and tally.resets == []
+            assert tally.problems({ref.label: steps + 2 for ref in tasks}) == [], logs(*gateways)
+    finally:
         cluster.stop()

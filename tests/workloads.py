@@ -1,6 +1,7 @@
 """Tasks, clients and checks shared by the multi-process suites (faults, distributed, nginx,
 cluster, sentinel): follow a task's stream, start many tasks at once, read a task's state and
-row, and check what a client received (gap-free, one terminal event, a reset before a jump)."""
+row, and check what a client received (gap-free, one terminal event, a reset before a jump),
+also on a multiplexed connection (``Tally``)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 
 from streamcoord import EventLog, TaskRef
+from streamcoord.ids import parse_composite_id, task_tag
 from streamcoord.keys import KeySpace
 from streamcoord.taskstate import TERMINAL_EVENTS
 
@@ -355,3 +358,62 @@ def check_in_order(received: list[SSEEvent], count: int, first: int = 1) -> None
         ("complete", count)
     ], [(e.event, e.seq) for e in received]
 
+
+# -- many tasks on one connection (GET /streams) ------------------------------------------------
+
+
+async def read_until(
+    gateway: Gateway, path: str, headers: dict[str, str], stop_after: int | None
+) -> tuple[list[tuple[str, str, dict[str, Any]]], bool]:
+    """(id, type, data) of the events a multiplexed stream (GET /streams) sent, and whether the
+    response ended by itself. Stops (cutting the connection) after ``stop_after`` events."""
+    got: list[tuple[str, str, dict[str, Any]]] = []
+    client = httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket)), base_url="http://gateway", timeout=20
+    )
+    async with client, aconnect_sse(client, "GET", path, headers=headers) as source:
+        assert source.response.status_code == 200, (await source.response.aread())
+        async for sse in source.aiter_sse():
+            if not sse.data:
+                continue
+            got.append((sse.id, sse.event, json.loads(sse.data)))
+            if stop_after is not None and len(got) >= stop_after:
+                return got, False
+    return got, True
+
+
+def label(data: dict[str, Any]) -> str:
+    """The task an event's data names."""
+    return f"{data['_app']}.{data['_model']}:{data['_task_id']}"
+
+
+class Tally:
+    """What one client of a multiplexed stream received, per task: the sequence of each event
+    (its task's part of the composite id), checked as it comes."""
+
+    def __init__(self, tasks: list[TaskRef]) -> None:
+        self.by_tag = {task_tag(ref.label): ref.label for ref in tasks}
+        self.seqs: dict[str, list[int]] = {ref.label: [] for ref in tasks}
+        self.ended: set[str] = set()
+        self.last_id = ""
+        self.resets: list[dict[str, Any]] = []
+
+    def take(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
+        for event_id, event_type, data in events:
+            task = label(data)
+            if event_type == "reset":
+                self.resets.append(data)
+                continue
+            parts = parse_composite_id(event_id, 100)
+            own = [pos for tag, pos in parts.items() if self.by_tag[tag] == task]
+            assert len(own) == 1, (event_id, task)
+            self.seqs[task].append(own[0].seq)
+            if event_type in ("complete", "error", "cancelled"):
+                self.ended.add(task)
+            self.last_id = event_id
+
+    def problems(self, expected: dict[str, int]) -> list[str]:
+        return [
+            f"{task}: got {seqs[:5]}...{seqs[-5:]} ({len(seqs)}), expected 1..{expected[task]}"
+            for task, seqs in self.seqs.items() if seqs != list(range(1, expected[task] + 1))
+        ]
