@@ -56,7 +56,7 @@ from .keys import TaskRef
 from .listener import Listener
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics
-from .mux import Confluence, Multiplex
+from .mux import Confluence, Multiplex, requested_tasks
 from .registry import ModelRegistry
 from .settings import Settings
 from .stall import WriteStall
@@ -351,23 +351,11 @@ class Gateway:
 
     async def _streams(self, request: HttpRequest, cors_headers: dict[str, str]) -> Response | None:
         """``GET /streams?task=app.Model:pk&task=...``: many tasks on one connection."""
-        names = list(dict.fromkeys(value for key, value in request.querylist if key == "task"))
         limit = self.settings.max_tasks_per_stream
-        if not names:
-            return text(400, "name the tasks to follow: /streams?task=app_label.Model:pk&task=...")
-        if len(names) > limit:
-            return text(
-                400, f"one connection follows at most {limit} tasks, not {len(names)}"
-                " (STREAMCOORD_MAX_TASKS_PER_STREAM): split them over several connections",
-            )
-        refs: list[TaskRef] = []
-        for name in names:
-            if len(name) > 2 * EXCERPT_CHARS:
-                return text(400, f"{excerpt(name)} is too long for a task name")
-            try:
-                refs.append(TaskRef.parse(name))
-            except InvalidTaskRef as exc:
-                return text(400, f"{exc} (use task=app_label.Model:pk)")
+        try:
+            refs = requested_tasks([value for key, value in request.querylist if key == "task"], limit)
+        except InvalidTaskRef as exc:
+            return text(400, str(exc))
         permit = authorize(
             self.settings, request.headers, request.querydict, *((r.app_label, r.model, r.pk) for r in refs)
         )

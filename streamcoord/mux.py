@@ -26,6 +26,7 @@ from typing import Any
 
 from .codec import Frame
 from .direct import DirectWriter
+from .errors import InvalidTaskRef
 from .eventlog import EventLog
 from .feed import Feed
 from .hub import Hub
@@ -41,6 +42,32 @@ _SEPARATOR = PART_SEPARATOR.encode()
 MIN_TASK_BUDGET = 16 * 1024
 #: Every listener of a connection gets the hub's heartbeat; one per this many seconds goes out.
 HEARTBEAT_GAP = 1.0
+
+
+#: Longest task name (``app_label.Model:pk``) read from a request.
+MAX_NAME_CHARS = 200
+
+
+def requested_tasks(names: Sequence[str], limit: int) -> list[TaskRef]:
+    """The tasks a request's ``task=app_label.Model:pk`` parameters name, each once, in order;
+    raises :class:`InvalidTaskRef` with a plain reason (no names, too many, a malformed one)."""
+    unique = list(dict.fromkeys(names))
+    if not unique:
+        raise InvalidTaskRef("name the tasks to follow: /streams?task=app_label.Model:pk&task=...")
+    if len(unique) > limit:
+        raise InvalidTaskRef(
+            f"one connection follows at most {limit} tasks, not {len(unique)}"
+            " (STREAMCOORD_MAX_TASKS_PER_STREAM): split them over several connections"
+        )
+    refs = []
+    for name in unique:
+        if len(name) > MAX_NAME_CHARS:
+            raise InvalidTaskRef(f"{name[:MAX_NAME_CHARS // 2]!r}... is too long for a task name")
+        try:
+            refs.append(TaskRef.parse(name))
+        except InvalidTaskRef as exc:
+            raise InvalidTaskRef(f"{exc} (use task=app_label.Model:pk)") from None
+    return refs
 
 
 class Composite:

@@ -8,9 +8,11 @@ import asyncio
 import pytest
 
 from streamcoord.codec import Frame
+from streamcoord.errors import InvalidTaskRef
 from streamcoord.ids import EventId, parse_composite_id, task_tag
+from streamcoord.keys import TaskRef
 from streamcoord.listener import HEARTBEAT, Batch, make_batch
-from streamcoord.mux import Composite, Confluence, Tributary
+from streamcoord.mux import Composite, Confluence, Tributary, requested_tasks
 
 TAGS = [task_tag("shop.Job:1"), task_tag("shop.Job:2"), task_tag("shop.Job:3")]
 
@@ -127,3 +129,25 @@ def test_the_id_length_the_readme_gives(count: int) -> None:
     tags = [task_tag(f"shop.Job:{n}") for n in range(count)]
     composite = Composite(tags, {tag: EventId("3f9a02bc", 9999) for tag in tags})
     assert len(str(composite)) == count * 22 - 1
+
+
+def test_requested_tasks_are_named_once_each_in_order() -> None:
+    assert requested_tasks(["shop.Job:2", "shop.Job:1", "shop.Job:2"], 2) == [
+        TaskRef("shop", "Job", "2"), TaskRef("shop", "Job", "1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("names", "reason"),
+    [
+        ([], "name the tasks to follow"),
+        ([f"shop.Job:{n}" for n in range(4)], "at most 3 tasks, not 4"),
+        (["shop.Job"], "expected app.Model:pk"),
+        (["shop.Job:a b"], "invalid task id"),
+        (["x" * 5000], "too long for a task name"),
+    ],
+)
+def test_requested_tasks_refused_with_a_plain_reason(names: list[str], reason: str) -> None:
+    with pytest.raises(InvalidTaskRef, match=reason) as refused:
+        requested_tasks(names, 3)
+    assert len(str(refused.value)) < 300
