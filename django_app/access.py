@@ -4,7 +4,12 @@ Issue a stream URL (or token) only to whoever may watch the task, e.g. in the vi
 it::
 
     task.stream_url()                       # "/stream/examples/ProgressTask/7?token=..."
+    streams_url([a.stream_ref, b.stream_ref])  # "/streams?task=...&task=...&token=..."
     coordinator.stream_token(a, b, start=True, expires_in=600)
+
+``streams_url`` leads to many tasks on one connection (``GET /streams``): one token covers them
+all, so a page following twenty tasks holds one of the browser's six HTTP/1.1 connections to
+the gateways' origin instead of all six.
 
 A gateway checks the token's signature and streams, without a database (``streamcoord.tokens``).
 """
@@ -15,7 +20,7 @@ from collections.abc import Iterable
 from urllib.parse import urlencode
 
 from streamcoord import tokens
-from streamcoord.client import task_path
+from streamcoord.client import streams_path, task_path
 from streamcoord.errors import ConfigurationError
 from streamcoord.keys import TaskRef
 
@@ -47,3 +52,17 @@ def stream_url(ref: TaskRef, *, start: bool = False, expires_in: float | None = 
     if settings.public_streams and not settings.secret:
         return url
     return f"{url}?{urlencode({'token': stream_token([ref], start=start, expires_in=expires_in)})}"
+
+
+def streams_url(refs: Iterable[TaskRef], *, start: bool = False, expires_in: float | None = None) -> str:
+    """One URL for the streams of the tasks ``refs`` on one connection
+    (``/streams?task=app.Model:pk&...``), with one token for all of them; otherwise as
+    :func:`stream_url`. The gateways take at most ``max_tasks_per_stream`` tasks (100) a URL."""
+    refs = list(dict.fromkeys(refs))  # a repeated task is followed once: one task= for it
+    if not refs:
+        raise ValueError("streams_url needs at least one task")
+    settings = conf.get_settings()
+    url = settings.gateway_url.rstrip("/") + streams_path(refs)
+    if settings.public_streams and not settings.secret:
+        return url
+    return f"{url}&{urlencode({'token': stream_token(refs, start=start, expires_in=expires_in)})}"

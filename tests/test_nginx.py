@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -43,13 +44,16 @@ from typing import Any
 
 import httpx
 import pytest
+from httpx_sse import aconnect_sse
 from redis.asyncio import Redis
 
+from streamcoord.client import streams_path
+from streamcoord.keys import TaskRef
 from streamcoord.taskstate import TERMINAL_EVENTS
 
 from .processes import REPO, Project, stop_process, wait_for
 from .rawsse import RawSSE, SSEEvent
-from .workloads import assert_gap_free, create_tasks_streamed, set_continue, triples
+from .workloads import Tally, assert_gap_free, create_tasks_streamed, set_continue, triples
 
 pytestmark = pytest.mark.system
 
@@ -500,3 +504,31 @@ async def test_the_shipped_access_log_leaves_stream_tokens_out(r: Redis, project
         assert '"GET /health HTTP/1.1" 200' in line and "SECRET-TOKEN-VALUE" not in line and "token" not in line
     finally:
         nginx.stop()
+
+
+async def test_many_tasks_on_one_connection_go_to_the_gateways_and_resume(
+    r: Redis, project: Project, tmp_path: Path
+) -> None:
+    """GET /streams reaches a gateway through the shipped config (not Django), unbuffered, and
+    a reconnect through nginx with the composite Last-Event-ID resumes every task exactly."""
+    gateways = [project.gateway("gw1"), project.gateway("gw2")]
+    project.worker("w1")
+    created = [project.create_task("ProgressTask", "steps=12", "delay=0.1", start=True) for _ in range(4)]
+    tasks = [TaskRef(c["app_label"], c["model"], str(c["id"])) for c in created]
+    path = streams_path(tasks)
+    with running_nginx(tmp_path / "nginx", [g.socket for g in gateways]) as nginx:
+        tally = Tally(tasks)
+        for stop_after in (5, 9, None):
+            headers = {"Last-Event-ID": tally.last_id} if tally.last_id else {}
+            async with through(nginx) as http, aconnect_sse(http, "GET", path, headers=headers) as source:
+                assert source.response.status_code == 200, await source.response.aread()
+                assert served_by(source.response.headers.get("x-test-upstream")) in {str(g.socket) for g in gateways}
+                got = []
+                async for event in source.aiter_sse():
+                    if event.data:
+                        got.append((event.id, event.event, json.loads(event.data)))
+                    if stop_after is not None and len(got) >= stop_after:
+                        break
+            tally.take(got)
+        assert tally.ended == {ref.label for ref in tasks}
+        assert tally.problems({ref.label: 14 for ref in tasks}) == []
