@@ -8,7 +8,7 @@
 
     $ uvicorn mysite.asgi:application
 
-Routing: ``/stream/...`` (and ``/health``, ``/ready`` unless ``probes=False``) go to the gateway,
+Routing: ``/stream/...`` and ``/streams`` (and ``/health``, ``/ready`` unless ``probes=False``) go to the gateway,
 the very code ``runserver_stream`` and ``python -m streamcoord gateway`` run
 (:func:`streamcoord.server.gateway_parts`): the same token auth, CORS and per-client limits, from
 the same settings. Everything else, websockets included, goes to the Django application. ``/stats``
@@ -51,7 +51,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from streamcoord.errors import ConfigurationError
-from streamcoord.gateway import Gateway, Response, text
+from streamcoord.gateway import Gateway, Response, is_stream_path, text
 from streamcoord.guard import OVERLOADED_BODY, RETRY_AFTER_SECONDS
 from streamcoord.hub import Hub
 from streamcoord.server import ensure_fd_room, gateway_parts
@@ -66,7 +66,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-STREAM_PREFIX = "/stream/"
 PROBES = frozenset({"/health", "/ready"})
 #: While the server drains, streams that began after the signal are ended this often.
 DRAIN_INTERVAL_SECONDS = 0.1
@@ -111,7 +110,7 @@ class SiteWithStreams:
             await self.app(scope, receive, send)
 
     def _routes_to_gateway(self, path: str) -> bool:
-        return path.startswith(STREAM_PREFIX) or (self.probes and path in PROBES)
+        return is_stream_path(path) or (self.probes and path in PROBES)
 
     async def _serve_gateway(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway_app = self._gateway_app
@@ -121,7 +120,7 @@ class SiteWithStreams:
                 log.error(NO_LIFESPAN)
             await _respond(send, text(503, NO_LIFESPAN))
             return
-        if not scope["path"].startswith(STREAM_PREFIX):
+        if not is_stream_path(scope["path"]):
             await gateway_app(scope, receive, send)  # a probe: answered even at the limit
             return
         # The separate gateway's connection cap (streamcoord.guard) lives in its own HTTP
@@ -178,7 +177,7 @@ class SiteWithStreams:
         signals = ShutdownSignals(asyncio.get_running_loop(), lambda: self._start_draining(gateway.hub))
         signals.install()
         running.callback(signals.restore)
-        log.info("streamcoord streams served at %s* in this process", STREAM_PREFIX)
+        log.info("streamcoord streams served at /stream/* and /streams in this process")
 
     def _forget_gateway(self) -> None:
         self.gateway, self._gateway_app = None, None

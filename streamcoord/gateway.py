@@ -123,6 +123,15 @@ def excerpt(value: str) -> str:
     return repr(value[:EXCERPT_CHARS]) + ("..." if len(value) > EXCERPT_CHARS else "")
 
 
+#: The paths of the multiplexed route (many tasks on one connection).
+STREAMS_PATHS = frozenset({"/streams", "/streams/"})
+
+
+def is_stream_path(path: str) -> bool:
+    """A path of a stream route: one task's (``/stream/...``) or many tasks' (``/streams``)."""
+    return path.startswith("/stream/") or path in STREAMS_PATHS
+
+
 def parse_stream_path(path: str) -> tuple[str | None, str, str] | None:
     """``/stream/[app/]Model/id`` -> (app or None, model, id); None when not a stream path."""
     parts = path.removeprefix("/stream/").rstrip("/").split("/")
@@ -231,7 +240,7 @@ class Gateway:
 
     async def _route(self, request: HttpRequest) -> Response | None:
         path = request.path
-        if path.startswith("/stream/") or path in ("/streams", "/streams/"):
+        if is_stream_path(path):
             if request.method not in STREAM_METHODS:
                 return method_not_allowed(STREAM_METHODS)
             cors_headers = cors.response_headers(self._cors_origins, request.headers)

@@ -126,6 +126,17 @@ async def test_one_process_serves_the_streams_and_the_django_site(project: Proje
             assert stats.status_code == 404 and "text/html" in stats.headers["content-type"]
             summary = await http.get(created["stream"])  # no text/event-stream: the outcome
             assert summary.json()["status"] == "completed"
+        # Many tasks on one connection: the gateway's too (the first one is over already).
+        more = [project.create_task("ProgressTask", "steps=3", "delay=0.05", start=True) for _ in range(2)]
+        names = "&".join(f"task={c['app_label']}.{c['model']}:{c['id']}" for c in [created, *more])
+        client = await open_stream(site, f"/streams?{names}")
+        try:
+            assert client.status == 200 and client.headers["content-type"].startswith("text/event-stream")
+            events = await asyncio.wait_for(client.events_until_end(), 20)
+        finally:
+            client.close()
+        assert sorted(e.event for e in events if e.event == "complete") == ["complete"] * 3
+        assert len(events) == 7 + 2 * 5 and client.ended
     assert_clean_log(site)
 
 
