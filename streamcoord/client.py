@@ -150,7 +150,7 @@ async def stream_task(
     # After a reset the position may name history that is gone: the next event's id replaces
     # it; until then a reconnect asks for everything.
     events = _follow(
-        url, follow, last_event_id, forget_on_reset=True, token=token, uds=uds,
+        url, follow, last_event_id, forget_on_reset=True, eager=False, token=token, uds=uds,
         reconnect_delay=reconnect_delay, max_reconnects=max_reconnects, client=client,
     )
     async for event in events:
@@ -197,27 +197,24 @@ async def stream_tasks(
     labels = list(dict.fromkeys(str(ref) for ref in refs))
     if not labels:
         raise ValueError("stream_tasks follows at least one task")
-    tags = {task_tag(label): label for label in labels}
     url = base_url.rstrip("/") + streams_path(labels)
     ended: set[str] = set()
 
     def follow(sse: ServerSentEvent, event_id: str | None) -> tuple[TaskEvent, bool]:
         base = _event(sse, event_id, url)
-        label = _label_of(base.data)
-        seq = None
-        if event_id is not None:
-            parts = parse_composite_id(event_id, len(labels))
-            position = next((pos for tag, pos in parts.items() if tags.get(tag) == label), None)
-            seq = position.seq if position is not None else None
-        event = TaskEvent(base.id, base.event, base.data, label, seq)
+        label = _label_of(base.data)  # as the gateway names the task: the name its tag is of
+        position = parse_composite_id(event_id, len(labels)).get(task_tag(label)) if event_id else None
+        event = TaskEvent(base.id, base.event, base.data, label, position.seq if position else None)
         if event.terminal:
             ended.add(label)
         return event, len(ended) == len(labels)
 
     # The composite position is kept across a reset: the server resets that task again if its
-    # part still names history that is gone, and every other task goes on.
+    # part still names history that is gone, and every other task goes on. Tasks that ended
+    # before (their terminal event in ``last_event_id``) send nothing: when the response ends
+    # after events, reconnecting at once asks the gateway, whose 204 says every task is over.
     events = _follow(
-        url, follow, last_event_id, forget_on_reset=False, token=token, uds=uds,
+        url, follow, last_event_id, forget_on_reset=False, eager=True, token=token, uds=uds,
         reconnect_delay=reconnect_delay, max_reconnects=max_reconnects, client=client,
     )
     async for event in events:
@@ -238,6 +235,7 @@ async def _follow(
     position: str | None,
     *,
     forget_on_reset: bool,
+    eager: bool,
     token: str | None,
     uds: str | None,
     reconnect_delay: float | None,
@@ -245,7 +243,8 @@ async def _follow(
     client: httpx.AsyncClient | None,
 ) -> AsyncGenerator[E, None]:
     """Read ``url``'s events, reconnecting with Last-Event-ID, until ``follow`` (which makes
-    each event) says the stream is done or the server answers 204."""
+    each event) says the stream is done or the server answers 204. ``eager``: a response that
+    ended by itself after events is followed by a reconnect at once, not counted as a failure."""
     if client is not None and uds is not None:
         raise ValueError("pass either uds or client, not both")
     http = client or httpx.AsyncClient(
@@ -283,6 +282,7 @@ async def _follow(
                         problem = f"{status} {message[:200]}"
                     else:
                         seen_id = ""  # httpx-sse repeats the last id for events without one
+                        got_events = False
                         async for sse in source.aiter_sse():
                             if sse.retry is not None:
                                 server_delay = sse.retry / 1000
@@ -291,7 +291,7 @@ async def _follow(
                             event_id = sse.id if sse.id and sse.id != seen_id else None
                             seen_id = sse.id
                             event, done = follow(sse, event_id)
-                            failures = 0
+                            failures, got_events = 0, True
                             if event.id is not None:
                                 position = event.id
                             elif event.event == RESET_EVENT and forget_on_reset:
@@ -299,6 +299,8 @@ async def _follow(
                             yield event
                             if done:
                                 return
+                        if eager and got_events:
+                            continue
                         problem = "the stream ended before a terminal event"
             except httpx.TransportError as exc:
                 problem, status = f"{type(exc).__name__}: {exc}", None

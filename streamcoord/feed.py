@@ -64,12 +64,11 @@ class Feed:
     @classmethod
     async def open(
         cls, log: EventLog, hub: Hub, ref: TaskRef, *, last_id: EventId | None = None, latest: bool = False,
-        budget: int | None = None, make: ListenerFactory | None = None,
+        make: ListenerFactory | None = None,
     ) -> Feed:
         """Decide where the client starts; raise :class:`UnknownTask` if the task has neither
-        a state record nor events. ``budget`` and ``make``: see
-        :func:`streamcoord.resume.find_start`."""
-        return cls(hub, ref, await find_start(log, hub, ref, last_id, latest, budget, make), make)
+        a state record nor events. ``make``: see :func:`streamcoord.resume.find_start`."""
+        return cls(hub, ref, await find_start(log, hub, ref, last_id, latest, make), make)
 
     @property
     def empty(self) -> bool:
@@ -187,37 +186,43 @@ class Feed:
             if not batches:  # closed: overflow or shutdown
                 return None
             out: list[bytes] = []
-            await self.absorb(batches, out)
+            for batch in batches:
+                if batch.kind is _EVENTS and batch.epoch == self._epoch and batch.first == self._last + 1:
+                    # In step with the stream (the usual case): the hub's bytes as they are.
+                    out.append(batch.data)
+                    self._last, self.ended = batch.last, batch.terminal
+                else:
+                    await self._out_of_step(batch, out)
+                if self.ended:
+                    break
             if out:  # a batch of duplicates only sends nothing
                 return out[0] if len(out) == 1 else b"".join(out)
             if self.ended:
                 return None
 
-    async def absorb(self, batches: Iterable[Batch], out: list[bytes]) -> None:
-        """Append to ``out`` what the client is sent of ``batches`` (from the hub, in order),
-        up to the terminal event."""
+    async def absorb(self, batch: Batch, out: list[bytes]) -> None:
+        """Append to ``out`` what the client is sent of ``batch`` (the next from the hub),
+        each frame given its :attr:`rewrite` id: :meth:`next_chunk`'s work, for a connection
+        that writes many feeds (:mod:`streamcoord.mux`)."""
         rewrite = self.rewrite
-        for batch in batches:
-            kind = batch.kind
-            if kind is _EVENTS:
-                if batch.epoch == self._epoch and batch.first == self._last + 1:
-                    # In step with the stream (the usual case): the hub's bytes as they are.
-                    if rewrite is None:
-                        out.append(batch.data)
-                    else:
-                        out.extend([rewrite(frame.data) for frame in batch.frames])
-                    self._last, self.ended = batch.last, batch.terminal
-                else:
-                    self.ended = await self._send(batch.frames, out, live=True)
-            elif kind is _HEARTBEAT:
-                out.append(batch.data)
-            else:  # a rewind: Redis lost events of this stream; what the client has may
-                # be gone. Say so, then send the stream from its start (the hub reads it
-                # again from 1).
-                out.append(self._reset(ResetReason.LOST))
-                self._last, self._epoch = 0, b""
-            if self.ended:
-                return
+        if rewrite is not None and batch.kind is _EVENTS and batch.epoch == self._epoch and batch.first == self._last + 1:
+            out.extend([rewrite(frame.data) for frame in batch.frames])
+            self._last, self.ended = batch.last, batch.terminal
+        else:
+            await self._out_of_step(batch, out)
+
+    async def _out_of_step(self, batch: Batch, out: list[bytes]) -> None:
+        """A batch that does not simply follow what the client was sent: events out of step
+        (repeats, a gap, a new epoch), a heartbeat, or a rewind."""
+        kind = batch.kind
+        if kind is _EVENTS:
+            self.ended = await self._send(batch.frames, out, live=True)
+        elif kind is _HEARTBEAT:
+            out.append(batch.data)
+        else:  # a rewind: Redis lost events of this stream; what the client has may be gone.
+            # Say so, then send the stream from its start (the hub reads it again from 1).
+            out.append(self._reset(ResetReason.LOST))
+            self._last, self._epoch = 0, b""
 
     async def _send(self, frames: Iterable[Frame], out: list[bytes], *, live: bool) -> bool:
         """Append to ``out`` the frames the client lacks, in order, skipping what it has; True

@@ -387,8 +387,8 @@ class Gateway:
         # Tags of the names events carry (``_app``, ``_model``, ``_task_id``), as the
         # application names its tasks: what a client computes them from.
         tags = [task_tag(ref.label) for ref in refs]
-        if len(set(tags)) < len(tags):
-            first, second = (ref for ref, tag in zip(refs, tags, strict=True) if tags.count(tag) > 1)
+        if len(set(tags)) < len(tags):  # (any number of them: a 32-bit hash's are easy to find)
+            first, second = [ref for ref, tag in zip(refs, tags, strict=True) if tags.count(tag) > 1][:2]
             return text(
                 400, f"tasks {first} and {second} cannot share one connection (their tags in event"
                 " ids are the same): follow them on two",
@@ -412,9 +412,8 @@ class Gateway:
         self, request: HttpRequest, mux: Multiplex, permit: Permit, cors_headers: dict[str, str]
     ) -> Response | None:
         if permit.start and request.method != "HEAD":
-            for feed in mux.feeds:
-                if feed.state is not None and feed.state.awaits_start:
-                    await self._lazy_start(feed.ref, permit)
+            for ref in mux.awaiting_start():
+                await self._lazy_start(ref, permit)
         if mux.empty:
             return 204, {"cache-control": "no-store"}, b""  # EventSource stops reconnecting
         await self._event_stream(request, cors_headers, mux, lambda stall: mux.pump(request, stall))

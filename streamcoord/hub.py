@@ -234,7 +234,7 @@ class Hub:
 
     def attach(
         self, key: str, last_id: EventId | None, latest: bool, confirmed: Position,
-        budget: int | None = None, make: ListenerFactory | None = None,
+        make: ListenerFactory | None = None,
     ) -> tuple[Listener, list[Frame]] | None:
         """Listen to a followed stream whose window holds everything the client lacks.
 
@@ -243,9 +243,9 @@ class Hub:
         that many events (else the stream was created anew or cut back under the hub, which
         is told to check its streams now). Returns the listener and the frames to send first
         (history up to the hub's position), or None when the window cannot tell, or when those
-        frames are more bytes than a client's history may hold (:func:`history_bytes`, or
-        ``budget`` when smaller): then the caller reads Redis. Nothing is awaited, so nothing
-        can arrive in between. ``make``: as for :meth:`subscribe`.
+        frames are more bytes than a client's history may hold (:func:`history_bytes`): then the
+        caller reads Redis. Nothing is awaited, so nothing can arrive in between. ``make``: as
+        for :meth:`subscribe`.
         """
         usable = self._usable_window(key)
         if usable is None:
@@ -256,8 +256,7 @@ class Hub:
             self._check_now.set()
             return None
         frames = window.start_frames(last_id, latest)
-        limit = history_bytes(self._settings) if budget is None else min(budget, history_bytes(self._settings))
-        if frames is None or frames_bytes(frames) > limit:
+        if frames is None or frames_bytes(frames) > history_bytes(self._settings):
             # Too much to hold for one client at once (big frames): it reads Redis page by page.
             return None
         self.stats["window_hits"] += 1

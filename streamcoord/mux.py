@@ -12,34 +12,35 @@ no id, as on the single-task route, and names its task.
 One connection, one set of bounds: the feeds' listeners (:class:`Tributary`) hand their batches
 to the connection's :class:`Confluence`, one queue bounded like a single client's
 (``client_queue_size`` frames, ``client_queue_bytes`` bytes), written by one task, or straight
-to the connection while that task waits (:mod:`streamcoord.direct`). History is sent task by
-task, each holding at most its share of the client's history bytes at once. The response ends
-once every task has ended; a task that ends early just stops sending.
+to the connection while that task waits (:mod:`streamcoord.direct`). Feeds open one after the
+other, each sending its history before the next opens, so the history held at once is one
+feed's. The response ends once every task has ended; a task that ends early just stops sending.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .codec import Frame
 from .direct import DirectWriter
-from .errors import InvalidTaskRef
+from .errors import InvalidTaskRef, UnknownTask
 from .eventlog import EventLog
-from .feed import Feed
+from .feed import CHUNK_BYTES, Feed
 from .hub import Hub
 from .ids import PART_SEPARATOR, EventId, composite_part
 from .keys import TaskRef
 from .listener import Batch, BatchKind, BoundedQueue, Listener
 from .stall import WriteStall
-from .window import history_bytes
+from .taskstate import TaskState
+
+log = logging.getLogger(__name__)
 
 _EVENTS, _HEARTBEAT = BatchKind.EVENTS, BatchKind.HEARTBEAT
 _SEPARATOR = PART_SEPARATOR.encode()
-#: A task's history may hold no less than this at once, however many tasks share a connection.
-MIN_TASK_BUDGET = 16 * 1024
 #: Every listener of a connection gets the hub's heartbeat; one per this many seconds goes out.
 HEARTBEAT_GAP = 1.0
 
@@ -187,49 +188,64 @@ class Tributary(Listener):
 
 
 class Multiplex:
-    """One connection's tasks: a feed each, written to the client in one response."""
+    """One connection's tasks: a feed each, written to the client in one response.
 
-    def __init__(self, refs: Sequence[TaskRef], tags: Sequence[str], given: dict[str, EventId],
-                 limit: int, limit_bytes: int) -> None:
+    :meth:`open` reads every task's state record (one round trip) and nothing more: enough to
+    answer 404 for an unknown task, 204 when the client has every terminal event already, and
+    to start pending tasks. Each task's feed is opened when its turn comes (:meth:`pump`), its
+    history sent, and it goes on listening while the next one opens: what the connection
+    holds of history at once is one feed's, bounded as a single client's is."""
+
+    def __init__(
+        self, log: EventLog, hub: Hub, refs: Sequence[TaskRef], tags: Sequence[str],
+        given: dict[str, EventId], states: Sequence[TaskState | None],
+    ) -> None:
+        self._log, self._hub = log, hub
         self.refs = list(refs)
-        self.confluence = Confluence(limit, limit_bytes)
+        self._tags = list(tags)
+        self._given = given
+        self.states = list(states)
+        self.confluence = Confluence(log.settings.client_queue_size, log.settings.client_queue_bytes)
         self.composite = Composite(tags, given)
-        self.feeds: list[Feed] = []
+        #: Each task's feed, once opened (None before, and for a task with nothing to send).
+        self.feeds: list[Feed | None] = [None] * len(self.refs)
+        #: Each task has nothing (more) to send: the client has its terminal event.
+        self._done = [self._has_all(index) for index in range(len(self.refs))]
+        self._opened = False  # every feed was opened (and its history sent)
 
     @classmethod
     async def open(
         cls, log: EventLog, hub: Hub, refs: Sequence[TaskRef], tags: Sequence[str],
         given: dict[str, EventId],
     ) -> Multiplex:
-        """Find where the client starts in each task (``given``: its last events, by tag).
+        """Read where each task stands (``given``: the client's last event of each, by tag).
         Raises :class:`streamcoord.errors.UnknownTask` for a task with neither a state record
-        nor events (and Redis's errors), having closed what it opened."""
-        settings = log.settings
-        mux = cls(refs, tags, given, settings.client_queue_size, settings.client_queue_bytes)
-        budget = max(history_bytes(settings) // 2 // len(refs), MIN_TASK_BUDGET)
-        opening = [
-            asyncio.ensure_future(
-                Feed.open(log, hub, ref, last_id=given.get(tag), budget=budget, make=mux.confluence.maker(index))
-            )
-            for index, (ref, tag) in enumerate(zip(refs, tags, strict=True))
-        ]
-        try:
-            await asyncio.wait(opening)
-        finally:  # also when cancelled: a feed that opened listens, and must let go
-            for future in opening:
-                future.cancel()  # (a no-op for those done)
-            done = [f for f in opening if f.done() and not f.cancelled()]
-            failure = next((f.exception() for f in done if f.exception() is not None), None)
-            feeds = [f.result() for f in done if f.exception() is None]
-            if failure is not None or len(feeds) < len(opening):
-                for feed in feeds:
-                    feed.close()
-        if failure is not None:
-            raise failure
-        for index, feed in enumerate(feeds):
-            feed.rewrite = mux.composite.rewriter(index)
-        mux.feeds = feeds
-        return mux
+        nor events that the client has not seen either (one it saw, forgotten since, has
+        nothing more to send)."""
+        states = await log.states(refs)
+        unknown = [index for index, state in enumerate(states) if state is None]
+        if unknown:  # a stream without a state record is rare (written by hand): look
+            pipe = log.redis.pipeline(transaction=False)
+            for index in unknown:
+                pipe.exists(log.keys.events(refs[index]))
+            found = await pipe.execute()
+            for index, exists in zip(unknown, found, strict=True):
+                if not exists and tags[index] not in given:
+                    raise UnknownTask(f"no task {refs[index]}")
+        return cls(log, hub, refs, tags, given, states)
+
+    def _has_all(self, index: int) -> bool:
+        """The client has task ``index``'s terminal event (or saw a task forgotten since)."""
+        state, given = self.states[index], self._given.get(self._tags[index])
+        if state is None:
+            return given is not None
+        return (
+            state.ended and given is not None and given.epoch == state.epoch and given.seq == state.last_seq
+        )
+
+    def awaiting_start(self) -> list[TaskRef]:
+        """The tasks created and not started yet (a lazy start's)."""
+        return [ref for ref, state in zip(self.refs, self.states, strict=True) if state and state.awaits_start]
 
     @property
     def listener(self) -> Confluence:
@@ -241,54 +257,85 @@ class Multiplex:
         return f"{len(self.refs)} tasks ({self.refs[0]}, ...)" if len(self.refs) > 1 else str(self.refs[0])
 
     @property
-    def ended(self) -> bool:
-        """Every task's terminal event is out."""
-        return all(feed.ended for feed in self.feeds)
-
-    @property
     def empty(self) -> bool:
         """Nothing to send at all: the client has every task's terminal event."""
-        return all(feed.empty for feed in self.feeds)
+        return all(self._done)
+
+    @property
+    def ended(self) -> bool:
+        """Every task's terminal event is out."""
+        return self._opened and all(feed is None or feed.ended for feed in self.feeds)
 
     def close(self) -> None:
         for feed in self.feeds:
-            feed.close()
+            if feed is not None:
+                feed.close()
 
     async def pump(self, request: Any, stall: WriteStall) -> None:
         """Write every task's history, task by task, then their live events as they come, until
         every task has ended (or the connection is cut: overflow, shutdown)."""
         confluence = self.confluence
         confluence.task = asyncio.current_task()
-        for feed in self.feeds:
+        for index, ref in enumerate(self.refs):
+            if confluence.closed:
+                return  # shut down meanwhile: the client resumes elsewhere
+            if self._done[index]:
+                continue
+            try:
+                feed = await Feed.open(
+                    self._log, self._hub, ref, last_id=self._given.get(self._tags[index]),
+                    make=confluence.maker(index),
+                )
+            except UnknownTask:  # forgotten since the connection opened: nothing to send
+                log.info("task %s was forgotten while a multiplexed stream opened", ref)
+                continue
+            feed.rewrite = self.composite.rewriter(index)
+            self.feeds[index] = feed
             async for chunk in feed.history():
                 await request.send(chunk)
                 stall.written += len(chunk)
             if feed.ended:
                 feed.close()  # it stops listening; the others go on
+        self._opened = True
         writer = DirectWriter.of(request._send, None, stall)
         if writer is not None:
             confluence.direct = self._direct(writer)
         try:
-            while not self.ended:
-                items = await confluence.take()
-                if not items:
-                    return  # shut down
-                out: list[bytes] = []
-                for index, batch in items:
-                    feed = self.feeds[index]
-                    if batch.kind is _HEARTBEAT:
-                        out.append(batch.data)
-                    elif not feed.ended:
-                        await feed.absorb((batch,), out)
-                        if feed.ended:
-                            feed.close()
-                if out:
-                    chunk = b"".join(out)
-                    await request.send(chunk)
-                    stall.written += len(chunk)
+            await self._live(request, stall)
         finally:
             confluence.direct = None
+
+    async def _live(self, request: Any, stall: WriteStall) -> None:
+        """Write what the confluence is handed, in order, in chunks of about
+        :data:`streamcoord.feed.CHUNK_BYTES` (each frame carries the whole connection's id)."""
+        while not self.ended:
+            items = await self.confluence.take()
+            if not items:
+                return  # shut down
+            out: list[bytes] = []
+            size = 0
+            for index, batch in items:
+                feed = self.feeds[index]
+                if batch.kind is _HEARTBEAT:
+                    out.append(batch.data)
+                elif feed is not None and not feed.ended:
+                    before = len(out)
+                    await feed.absorb(batch, out)
+                    size += sum(len(chunk) for chunk in out[before:])
+                    if feed.ended:
+                        feed.close()
+                if size >= CHUNK_BYTES:
+                    await self._send(request, stall, out)
+                    out, size = [], 0
+            if out:
+                await self._send(request, stall, out)
         await request.send(b"", more=False)  # every task's terminal event is out
+
+    @staticmethod
+    async def _send(request: Any, stall: WriteStall, out: list[bytes]) -> None:
+        chunk = b"".join(out)
+        await request.send(chunk)
+        stall.written += len(chunk)
 
     def _direct(self, writer: DirectWriter) -> Callable[[tuple[int, Batch]], bool]:
         feeds, composite = self.feeds, self.composite
@@ -299,7 +346,7 @@ class Multiplex:
             if kind is _HEARTBEAT:
                 return writer.write(batch.data)
             feed = feeds[index]
-            if kind is not _EVENTS or not feed.follows(batch):
+            if kind is not _EVENTS or feed is None or not feed.follows(batch):
                 return False
             data, before = composite.frames(index, batch.frames)
             if not writer.write(data):

@@ -99,27 +99,22 @@ class Start:
 
 async def find_start(
     log: EventLog, hub: Hub, ref: TaskRef, last_id: EventId | None, latest: bool,
-    budget: int | None = None, make: ListenerFactory | None = None,
+    make: ListenerFactory | None = None,
 ) -> Start:
     """Decide where the client starts; raise :class:`UnknownTask` if the task has neither a
-    state record nor events.
-
-    ``budget``: at most this many bytes of history held at once for this client before it is
-    sent (one task of many on one connection); ``make``: builds its listener (see
+    state record nor events. ``make``: builds its listener (see
     :meth:`streamcoord.hub.Hub.subscribe`)."""
     key = log.keys.events(ref)
     if hub.has_window(key):
         # The window only knows what the hub read: confirm with Redis (one small read,
         # shared) that the stream was not created anew or cut back under it since.
         confirmed, _ = await hub.position_reads.run(key, functools.partial(read_position, log, ref, hub))
-        attached = hub.attach(key, last_id, latest, confirmed, budget, make)
+        attached = hub.attach(key, last_id, latest, confirmed, make)
         if attached is not None:
             return _from_window(History(log, hub, ref, []), last_id, *attached)
     snapshot, shared = await hub.history_reads.run(key, functools.partial(read_snapshot, log, ref))
     hub.stats["history_shared" if shared else "history_reads"] += 1
     hub.skips.report(key, snapshot.skipped)  # each kind logged once, however many shared it
-    if budget is not None:  # older frames of the tail are read page by page instead
-        snapshot = snapshot._replace(tail=newest_within(snapshot.tail, budget))
     if shared:
         with contextlib.suppress(UnknownTask):
             start = await place(History(log, hub, ref, snapshot.tail), ref, snapshot.state, last_id, latest)
@@ -131,8 +126,6 @@ async def find_start(
         snapshot = await read_snapshot(log, ref)
         hub.stats["history_read_events"] += len(snapshot.tail) + len(snapshot.skipped)  # as the shared reads count
         hub.skips.report(key, snapshot.skipped)
-        if budget is not None:
-            snapshot = snapshot._replace(tail=newest_within(snapshot.tail, budget))
     return await place(History(log, hub, ref, snapshot.tail), ref, snapshot.state, last_id, latest)
 
 

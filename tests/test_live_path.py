@@ -256,3 +256,45 @@ async def test_a_client_joining_while_events_flow_gets_each_once(
     assert len(feeds) >= 5
     assert all(seqs == list(range(1, 402)) for seqs in results), [s[:3] + s[-3:] for s in results]
     assert live_hub.listener_count == 0
+
+
+async def test_a_multiplex_opens_its_tasks_one_at_a_time(live_hub: Hub, event_log: EventLog) -> None:
+    """What a multiplexed connection holds of history at once is one task's: opening it reads
+    the state records only, and each task's feed opens when the one before has sent its
+    history (a client that stops reading stops the opening too)."""
+    from streamcoord.ids import task_tag
+    from streamcoord.mux import Multiplex
+    from streamcoord.stall import WriteStall
+
+    tasks = [TaskRef("shop", "Job", str(n)) for n in range(1, 6)]
+    for ref in tasks:
+        await append_progress(event_log, ref, 1, 50, complete=False)
+    mux = await Multiplex.open(event_log, live_hub, tasks, [task_tag(ref.label) for ref in tasks], {})
+    assert mux.feeds == [None] * 5 and live_hub.listener_count == 0 and not mux.empty
+
+    class StuckClient:
+        """Takes two chunks, then never another."""
+
+        _send = None  # no uvicorn cycle: nothing is written directly
+
+        def __init__(self) -> None:
+            self.chunks: list[bytes] = []
+            self.stuck = asyncio.Event()
+
+        async def send(self, chunk: bytes, more: bool = True) -> None:
+            self.chunks.append(chunk)
+            if len(self.chunks) >= 2:
+                self.stuck.set()
+                await asyncio.Event().wait()
+
+    client = StuckClient()
+    pump = asyncio.create_task(mux.pump(client, WriteStall(None, 30)))
+    try:
+        await asyncio.wait_for(client.stuck.wait(), TIMEOUT)
+        assert [feed is not None for feed in mux.feeds] == [True, True, False, False, False]
+        assert live_hub.listener_count <= 2
+    finally:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        mux.close()
+    assert live_hub.listener_count == 0

@@ -311,3 +311,37 @@ async def test_tasks_are_named_in_any_case_once_and_tagged_by_their_own_names(
     tally = Tally(tasks)  # tags of shop.Job:1 and shop.Job:2, as the events name them
     tally.take(got)
     assert ended and tally.problems({ref.label: 2 for ref in tasks}) == []
+
+
+async def test_tasks_whose_tags_collide_get_a_400_naming_them(event_log: EventLog, gateway: Gateway) -> None:
+    """Two pairs of tasks whose FNV-1a tags collide (found by brute force: 32 bits are few)."""
+    colliding = [TaskRef("shop", "Job", pk) for pk in ("449599", "612382", "449598", "612383")]
+    assert task_tag(colliding[0].label) == task_tag(colliding[1].label)
+    status, text = await status_of(gateway, streams_path(colliding))
+    assert (status, text) == (
+        400, "tasks shop.Job:449599 and shop.Job:612382 cannot share one connection (their tags in"
+        " event ids are the same): follow them on two",
+    )
+
+
+async def test_the_python_client_ends_when_tasks_ended_before_it_came(event_log: EventLog, gateway: Gateway) -> None:
+    """Resuming from an id that holds one task's terminal event already: the other ends, the
+    response ends, and the client asks once more (204), without counting it a failure."""
+    tasks = refs(2)
+    await publish_all(event_log, tasks[:1], 1)  # task 1 ends: complete is its event 2
+    await event_log.writer(tasks[1]).append("progress", {"step": 1})
+    first = [e async for e in stream_tasks("http://gateway", tasks[:1], uds=str(gateway.socket))]
+    assert [e.seq for e in first] == [1, 2] and first[-1].terminal
+    follow = asyncio.create_task(_collect(stream_tasks(
+        "http://gateway", ["shop.job:2", "shop.Job:1"], uds=str(gateway.socket), last_event_id=first[-1].id,
+        max_reconnects=0,
+    )))
+    await asyncio.sleep(0.3)
+    await event_log.writer(tasks[1]).append("complete", {"done": True}, final_value=1)
+    got = await asyncio.wait_for(follow, 20)
+    # Another spelling of a task's name: its events still say their sequence.
+    assert [(e.task, e.seq) for e in got] == [("shop.Job:2", 1), ("shop.Job:2", 2)]
+
+
+async def _collect(events: Any) -> list[TaskEvent]:
+    return [event async for event in events]
