@@ -20,7 +20,6 @@ reconnect carried Last-Event-ID. Every process is stopped by its pid; every wait
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import subprocess
@@ -36,6 +35,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from .processes import REPO, Gateway, Project, wait_for
+from .relay import LocalServer, relay
 from .test_demo_browser import CHROMIUM, CHROMIUM_ARGS
 from .test_nginx import Nginx, served_by
 
@@ -56,66 +56,32 @@ Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 
 @dataclass
-class Forwarder:
+class Forwarder(LocalServer):
     """Forwards 127.0.0.1:<kernel-picked port> to whatever ``connect`` opens (it may be changed
     while running), and keeps the bytes each browser connection sent, to read its requests."""
 
     connect: Connect
     sent: list[bytearray] = field(default_factory=list)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     async def __aenter__(self) -> Forwarder:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        await super().__aenter__()
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def stream_requests(self) -> list[str]:
         """The heads of the ``GET /stream/...`` requests, in the order of their connections."""
         pattern = rb"GET /stream/[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n"
         return [head.decode("latin-1") for sent in self.sent for head in re.findall(pattern, bytes(sent))]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sent = bytearray()
         self.sent.append(sent)
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
-            up_reader, up_writer = upstream = await asyncio.wait_for(self.connect(), 5)
-
-            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, record: bool) -> None:
-                with contextlib.suppress(OSError):
-                    while data := await source.read(65536):
-                        if record:
-                            sent.extend(data)
-                        sink.write(data)
-                        await sink.drain()
-
-            # Either side ends (the gateway died, the browser went): both are closed.
-            pipes = [asyncio.create_task(pipe(reader, up_writer, True)), asyncio.create_task(pipe(up_reader, writer, False))]
-            try:
-                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for each in pipes:
-                    each.cancel()
+            upstream = await asyncio.wait_for(self.connect(), 5)
+            await relay((reader, writer), upstream, sent)
         except (OSError, TimeoutError):
             pass  # nothing listens there (a gateway being replaced): the browser retries
         finally:
-            self._tasks.discard(task)
-            writer.close()
             if upstream is not None:
                 upstream[1].close()
 

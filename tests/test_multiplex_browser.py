@@ -23,7 +23,6 @@ Every process is stopped by its pid; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from playwright.async_api import Page, async_playwright, expect
 from streamcoord.ids import task_tag
 
 from .processes import REPO, Gateway, Project
+from .relay import LocalServer, relay
 from .test_demo_browser import CHROMIUM, CHROMIUM_ARGS
 from .test_js_helper_browser import start_uvicorn
 
@@ -62,7 +62,7 @@ COUNT_EVENT_SOURCES = """(() => {
 
 
 @dataclass
-class Router:
+class Router(LocalServer):
     """127.0.0.1:<kernel-picked port>, routing each request by its path: ``/stream/...`` and
     ``/streams`` to the gateway's socket, the rest to Django's. Each request goes upstream with
     ``Connection: close``, so a browser connection carries one request and its response (the
@@ -71,65 +71,33 @@ class Router:
     gateway: Path
     django: Path
     heads: list[str] = field(default_factory=list)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     async def __aenter__(self) -> Router:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        await super().__aenter__()
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def streams_requests(self) -> list[str]:
         """The request targets of ``GET /streams`` (path and query), in order."""
         return [head.split(" ", 2)[1] for head in self.heads if head.startswith("GET /streams?")]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        upstream: asyncio.StreamWriter | None = None
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)).decode("latin-1")
             self.heads.append(head)
             target = head.split(" ", 2)[1]
             to_gateway = target.startswith("/stream/") or re.match(r"/streams/?(\?|$)", target)
             lines = [line for line in head.split("\r\n") if line and not line.lower().startswith("connection:")]
-            up_reader, upstream = await asyncio.wait_for(
+            upstream = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.gateway if to_gateway else self.django)), 5
             )
-            upstream.write(("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode("latin-1"))
-
-            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(OSError):
-                    while data := await source.read(65536):
-                        sink.write(data)
-                        await sink.drain()
-
-            # The response ends (upstream closes) or the browser goes: both are closed.
-            pipes = [asyncio.create_task(pipe(reader, upstream)), asyncio.create_task(pipe(up_reader, writer))]
-            try:
-                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for each in pipes:
-                    each.cancel()
+            upstream[1].write(("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode("latin-1"))
+            await relay((reader, writer), upstream)  # the response ends, or the browser goes
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the browser closed an idle connection
         finally:
-            self._tasks.discard(task)
-            writer.close()
             if upstream is not None:
-                upstream.close()
+                upstream[1].close()
 
 
 @dataclass
