@@ -22,6 +22,8 @@ LABELS = {
     "bench_cpu_pct": "publisher CPU %", "other_cpu_pct": "host's other CPU %",
     "rss_peak_mb": "server RSS MB", "redis_conns": "Redis conns", "publish_rate": "published/s",
     "kb_per_client": "KB per client", "client_events_per_s": "events/s per client",
+    "kb_per_connection": "KB per connection", "bytes_per_delivery": "SSE bytes per delivery",
+    "server_cpu_us_per_delivery": "server CPU us per delivery",
 }
 #: Figures kept in the JSON but left out of the tables (they would only widen them).
 HIDDEN = {"window_s", "delivered", "rss_ready_mb"}

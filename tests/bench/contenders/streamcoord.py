@@ -24,6 +24,7 @@ from streamcoord.ids import EventId
 from streamcoord.keys import KeySpace, TaskRef
 from streamcoord.registry import register_models
 from streamcoord.settings import Settings
+from streamcoord.taskstate import State
 from streamcoord.tokens import mint
 
 from ..pacing import APP, MODEL, Due, event_count, paced, stamped_data
@@ -109,7 +110,7 @@ class Streamcoord:
         await register_models(self.redis, KeySpace(settings.key_prefix), [(APP, MODEL)])
         for first in range(1, streams + 1, 500):
             await asyncio.gather(*(
-                self.log.declare(self.ref(n), state="running")
+                self.log.declare(self.ref(n), state=State.RUNNING)
                 for n in range(first, min(streams, first + 499) + 1)
             ))
         return Endpoint(socket=self.gateway.socket, server_pids=[self.gateway.pid], redis_pid=redis_pid)

@@ -16,6 +16,7 @@ from typing import Any
 SCENARIOS = [
     "fanout",  # one stream, 100/1000/5000 clients on one gateway process, rising publish rates
     "streams",  # 1000 streams with 2 clients each on one gateway process
+    "multiplex",  # 1000 clients x 20 tasks: one /streams connection each vs 20 /stream ones
     "publish",  # events/s from one worker process; raw XADD and redis-benchmark ceilings
     "latejoin",  # time to receive a 10,000-event history
     "resume",  # 1000 reconnects with Last-Event-ID: time to first event
