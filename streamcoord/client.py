@@ -29,6 +29,7 @@ until the next event brings one; a reconnect in between asks for the stream from
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -283,22 +284,25 @@ async def _follow(
                     else:
                         seen_id = ""  # httpx-sse repeats the last id for events without one
                         got_events = False
-                        async for sse in source.aiter_sse():
-                            if sse.retry is not None:
-                                server_delay = sse.retry / 1000
-                            if not sse.data:
-                                continue  # the opening comment and retry: no event to dispatch
-                            event_id = sse.id if sse.id and sse.id != seen_id else None
-                            seen_id = sse.id
-                            event, done = follow(sse, event_id)
-                            failures, got_events = 0, True
-                            if event.id is not None:
-                                position = event.id
-                            elif event.event == RESET_EVENT and forget_on_reset:
-                                position = None
-                            yield event
-                            if done:
-                                return
+                        # Closed in this task when the loop stops early, not by the garbage
+                        # collector in another (anyio's cancel scopes refuse that).
+                        async with contextlib.aclosing(source.aiter_sse()) as events:
+                            async for sse in events:
+                                if sse.retry is not None:
+                                    server_delay = sse.retry / 1000
+                                if not sse.data:
+                                    continue  # the opening comment and retry: no event to dispatch
+                                event_id = sse.id if sse.id and sse.id != seen_id else None
+                                seen_id = sse.id
+                                event, done = follow(sse, event_id)
+                                failures, got_events = 0, True
+                                if event.id is not None:
+                                    position = event.id
+                                elif event.event == RESET_EVENT and forget_on_reset:
+                                    position = None
+                                yield event
+                                if done:
+                                    return
                         if eager and got_events:
                             continue
                         problem = "the stream ended before a terminal event"

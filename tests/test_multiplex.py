@@ -5,6 +5,7 @@ task through two gateways with the connection cut again and again, and the clear
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from pathlib import Path
 from typing import Any
@@ -135,10 +136,11 @@ async def test_the_python_client_follows_many_tasks_and_resumes_by_itself(
     writing = asyncio.create_task(publish_all(event_log, tasks, 20, pause=0.01, start=2))
     got: list[TaskEvent] = []
     # A first connection taken over by a second one, from the first's composite id.
-    async for event in stream_tasks("http://gateway", tasks[:3], uds=str(gateway.socket)):
-        got.append(event)
-        if len(got) == 10:
-            break
+    async with contextlib.aclosing(stream_tasks("http://gateway", tasks[:3], uds=str(gateway.socket))) as events:
+        async for event in events:  # (closed in this task when the loop breaks)
+            got.append(event)
+            if len(got) == 10:
+                break
     first = got[-1].id
     async for event in stream_tasks(
         "http://gateway", tasks, uds=str(gateway.socket), last_event_id=first, reconnect_delay=0.05

@@ -524,11 +524,12 @@ async def test_many_tasks_on_one_connection_go_to_the_gateways_and_resume(
                 assert source.response.status_code == 200, await source.response.aread()
                 assert served_by(source.response.headers.get("x-test-upstream")) in {str(g.socket) for g in gateways}
                 got = []
-                async for event in source.aiter_sse():
-                    if event.data:
-                        got.append((event.id, event.event, json.loads(event.data)))
-                    if stop_after is not None and len(got) >= stop_after:
-                        break
+                async with contextlib.aclosing(source.aiter_sse()) as events:  # closed in this task
+                    async for event in events:
+                        if event.data:
+                            got.append((event.id, event.event, json.loads(event.data)))
+                        if stop_after is not None and len(got) >= stop_after:
+                            break
             tally.take(got)
         assert tally.ended == {ref.label for ref in tasks}
         assert tally.problems({ref.label: 14 for ref in tasks}) == []

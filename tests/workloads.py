@@ -373,12 +373,15 @@ async def read_until(
     )
     async with client, aconnect_sse(client, "GET", path, headers=headers) as source:
         assert source.response.status_code == 200, (await source.response.aread())
-        async for sse in source.aiter_sse():
-            if not sse.data:
-                continue
-            got.append((sse.id, sse.event, json.loads(sse.data)))
-            if stop_after is not None and len(got) >= stop_after:
-                return got, False
+        # Closed here, not by the garbage collector in another task (anyio's cancel scopes
+        # refuse that), when the loop stops early.
+        async with contextlib.aclosing(source.aiter_sse()) as events:
+            async for sse in events:
+                if not sse.data:
+                    continue
+                got.append((sse.id, sse.event, json.loads(sse.data)))
+                if stop_after is not None and len(got) >= stop_after:
+                    return got, False
     return got, True
 
 
