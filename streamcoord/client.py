@@ -117,7 +117,7 @@ def _event(sse: ServerSentEvent, event_id: str | None, url: str) -> StreamEvent:
     return StreamEvent(event_id, sse.event, data)
 
 
-async def stream_task(
+def stream_task(
     base_url: str,
     model: str,
     task_id: str | int,
@@ -150,12 +150,10 @@ async def stream_task(
 
     # After a reset the position may name history that is gone: the next event's id replaces
     # it; until then a reconnect asks for everything.
-    events = _follow(
+    return _follow(
         url, follow, last_event_id, forget_on_reset=True, eager=False, token=token, uds=uds,
         reconnect_delay=reconnect_delay, max_reconnects=max_reconnects, client=client,
     )
-    async for event in events:
-        yield event
 
 
 @dataclass(frozen=True)
@@ -177,7 +175,7 @@ def streams_path(refs: Iterable[TaskRef | str]) -> str:
     return "/streams?" + urlencode([("task", str(ref)) for ref in refs])
 
 
-async def stream_tasks(
+def stream_tasks(
     base_url: str,
     refs: Iterable[TaskRef | str],
     *,
@@ -214,12 +212,10 @@ async def stream_tasks(
     # part still names history that is gone, and every other task goes on. Tasks that ended
     # before (their terminal event in ``last_event_id``) send nothing: when the response ends
     # after events, reconnecting at once asks the gateway, whose 204 says every task is over.
-    events = _follow(
+    return _follow(
         url, follow, last_event_id, forget_on_reset=False, eager=True, token=token, uds=uds,
         reconnect_delay=reconnect_delay, max_reconnects=max_reconnects, client=client,
     )
-    async for event in events:
-        yield event
 
 
 def _label_of(data: dict[str, Any]) -> str:
