@@ -45,28 +45,64 @@ class Written(Protocol):
     written: int
 
 
+def uvicorn_cycle(send: Any) -> Any | None:
+    """The uvicorn response cycle whose bound method ``send`` is, or None (another server)."""
+    cycle = getattr(send, "__self__", None)
+    needed = ("transport", "flow", "chunked_encoding", "disconnected", "response_complete")
+    return cycle if cycle is not None and all(hasattr(cycle, name) for name in needed) else None
+
+
+class ChunkWriter:
+    """Writes whole frames to one uvicorn response cycle, when it safely can (see the module):
+    a multiplexed connection's, which gives each frame its own id first (:mod:`streamcoord.mux`)."""
+
+    __slots__ = ("_cycle", "_stall")
+
+    def __init__(self, cycle: Any, stall: Written) -> None:
+        self._cycle = cycle
+        self._stall = stall
+
+    @classmethod
+    def of(cls, send: Any, stall: Written) -> ChunkWriter | None:
+        """The writer for the ASGI ``send`` of a uvicorn response cycle, or None (another server)."""
+        cycle = uvicorn_cycle(send)
+        return None if cycle is None else cls(cycle, stall)
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data`` as a chunk of the response now; False when it must go the usual way."""
+        cycle = self._cycle
+        if (
+            cycle.chunked_encoding is not True or cycle.disconnected or cycle.response_complete
+            or cycle.flow.write_paused or cycle.transport.is_closing()
+        ):
+            return False
+        try:
+            cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # as uvicorn writes a chunk
+        except (OSError, RuntimeError):  # the connection went away: the task finds out
+            return False
+        self._stall.written += len(data)
+        return True
+
+
 class DirectWriter:
     """Writes a batch to one uvicorn response cycle, when it safely can (see the module)."""
 
     __slots__ = ("_cycle", "_position", "_stall")
 
-    def __init__(self, cycle: Any, position: Position | None, stall: Written) -> None:
+    def __init__(self, cycle: Any, position: Position, stall: Written) -> None:
         self._cycle = cycle
         self._position = position
         self._stall = stall
 
     @classmethod
-    def of(cls, send: Any, position: Position | None, stall: Written) -> DirectWriter | None:
-        """The writer for the ASGI ``send`` of a uvicorn response cycle, or None (another server).
-        Without a ``position`` it writes heartbeats and what :meth:`write` is given only."""
-        cycle = getattr(send, "__self__", None)
-        needed = ("transport", "flow", "chunked_encoding", "disconnected", "response_complete")
-        if cycle is None or not all(hasattr(cycle, name) for name in needed):
-            return None
-        return cls(cycle, position, stall)
+    def of(cls, send: Any, position: Position, stall: Written) -> DirectWriter | None:
+        """The writer for the ASGI ``send`` of a uvicorn response cycle, or None (another server)."""
+        cycle = uvicorn_cycle(send)
+        return None if cycle is None else cls(cycle, position, stall)
 
     def __call__(self, batch: Batch) -> bool:
-        """Write ``batch`` now; False when it must go the usual way."""
+        """Write ``batch`` now; False when it must go the usual way. (:meth:`ChunkWriter.write`,
+        inline: this runs once per client per batch.)"""
         cycle = self._cycle
         if (
             cycle.chunked_encoding is not True or cycle.disconnected or cycle.response_complete
@@ -75,32 +111,14 @@ class DirectWriter:
             return False
         kind = batch.kind
         events = kind is _EVENTS
-        position = self._position
-        if not (events and position is not None and position.follows(batch)) and kind is not _HEARTBEAT:
+        if not (events and self._position.follows(batch)) and kind is not _HEARTBEAT:
             return False
         data = batch.data
         try:
             cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # as uvicorn writes a chunk
         except (OSError, RuntimeError):  # the connection went away: the task finds out
             return False
-        if events and position is not None:
-            position.sent(batch)
-        self._stall.written += len(data)
-        return True
-
-    def write(self, data: bytes) -> bool:
-        """Write ``data`` (whole frames) as a chunk of the response now, when the connection
-        takes it at once (see the module); False when it must go the usual way. (``__call__``
-        does the same inline for a batch: it runs once per client per batch.)"""
-        cycle = self._cycle
-        if (
-            cycle.chunked_encoding is not True or cycle.disconnected or cycle.response_complete
-            or cycle.flow.write_paused or cycle.transport.is_closing()
-        ):
-            return False
-        try:
-            cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))  # as uvicorn writes a chunk
-        except (OSError, RuntimeError):  # the connection went away: the task finds out
-            return False
+        if events:
+            self._position.sent(batch)
         self._stall.written += len(data)
         return True

@@ -20,6 +20,7 @@ reconnect carried Last-Event-ID. Every process is stopped by its pid; every wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import subprocess
@@ -126,8 +127,8 @@ async def tcp(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", port)
 
 
-@pytest.fixture
-async def page() -> AsyncIterator[Page]:
+@contextlib.asynccontextmanager
+async def fresh_page() -> AsyncIterator[Page]:
     """A fresh page in headless chromium; JavaScript errors on it fail the test."""
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -139,6 +140,12 @@ async def page() -> AsyncIterator[Page]:
             assert errors == [], f"JavaScript errors on the page: {errors}"
         finally:
             await browser.close()
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Page]:
+    async with fresh_page() as fresh:
+        yield fresh
 
 
 # -- the page ----------------------------------------------------------------------------------

@@ -32,14 +32,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import Page, expect
 
 from streamcoord.ids import task_tag
 
 from .processes import REPO, Gateway, Project
 from .relay import LocalServer, relay
-from .test_demo_browser import CHROMIUM, CHROMIUM_ARGS
-from .test_js_helper_browser import start_uvicorn
+from .test_js_helper_browser import fresh_page, start_uvicorn
 
 pytestmark = [pytest.mark.system, pytest.mark.browser]
 
@@ -124,17 +123,8 @@ async def site(project: Project, tmp_path: Path) -> AsyncIterator[Site]:
 
 @pytest.fixture
 async def page() -> AsyncIterator[Page]:
-    """A fresh page in headless chromium; JavaScript errors on it fail the test."""
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            yield page
-            assert errors == [], f"JavaScript errors on the page: {errors}"
-        finally:
-            await browser.close()
+    async with fresh_page() as fresh:
+        yield fresh
 
 
 async def stats(gateway: Gateway) -> dict[str, Any]:

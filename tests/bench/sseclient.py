@@ -157,13 +157,20 @@ class SseConnection(asyncio.Protocol):
         self._raw = raw[pos:]
         return b"".join(parts)
 
-    def _take_frames(self, body: bytes, now: float) -> None:
+    def _whole_frames(self, body: bytes) -> bytes:
+        """The whole frames ``body`` completes (b"" for none); the rest waits for more."""
         text = self._text + body if self._text else body
-        cut = text.rfind(b"\n\n") + 2  # whole frames up to here; the rest waits for more
+        cut = text.rfind(b"\n\n") + 2
         if cut < 2:
             self._text = text
-            return
+            return b""
         whole, self._text = text[:cut], text[cut:]
+        return whole
+
+    def _take_frames(self, body: bytes, now: float) -> None:
+        whole = self._whole_frames(body)
+        if not whole:
+            return
         stamps = stamps_of(whole)
         if stamps:
             self.events += len(stamps)

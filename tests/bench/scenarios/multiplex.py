@@ -141,12 +141,9 @@ class Follower(SseConnection):
             self.answered.set_result(None)
 
     def _take_frames(self, body: bytes, now: float) -> None:
-        text = self._text + body if self._text else body
-        cut = text.rfind(b"\n\n") + 2  # whole frames up to here; the rest waits for more
-        if cut < 2:
-            self._text = text
+        whole = self._whole_frames(body)
+        if not whole:
             return
-        whole, self._text = text[:cut], text[cut:]
         tally = self.tally
         tally.sse_bytes += len(whole)
         stamps = _STAMP.findall(whole)
